@@ -1,0 +1,38 @@
+// Torch-free CPU kernel interface. kernels_isa.cpp is compiled once per ISA level (generic, AVX2,
+// AVX-512) into its own namespace; dispatch.cpp picks one at run time. The torch-facing files
+// (semi24_linear.cpp, ...) check tensors and call these.
+#pragma once
+#include <cstdint>
+
+namespace sparseprune::cpu {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// y[B, N] = x[B, K] @ W^T + bias. x, y, bias and the weight values share one dtype; y may not
+// alias x. Rows of x and y are contiguous with strides K and N. Accumulation is always fp32.
+struct LinearProblem {
+  const void* x;
+  void* y;
+  const void* bias;  // nullptr: no bias
+  int64_t B, N, K;
+  DType dtype;
+};
+
+// Semi24: values [N, K/2], meta [N, meta_stride] bytes. Group g of 4 inputs keeps positions
+// p0 < p1, stored as the nibble p0 | p1 << 2 in byte g/2 (low nibble for even g).
+// Any byte value is memory-safe: a position is 2 bits, so it never leaves its group.
+void semi24_linear(const LinearProblem& p, const void* values, const uint8_t* meta, int64_t meta_stride);
+
+// BSR: values [nnzb, bh, bw]; crow [N/bh + 1]; col [nnzb]. Caller has verified crow is
+// non-decreasing from 0 to nnzb and every col is in [0, K/bw).
+void bsr_linear(const LinearProblem& p, const void* values, const int32_t* crow, const int32_t* col,
+                int64_t bh, int64_t bw);
+
+// Hybrid: BSR structure as above; block values [nnzb, bh, bw/2], meta [nnzb, bh, bw/8] (bw % 8 == 0).
+void hybrid_linear(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
+                   const int32_t* col, int64_t bh, int64_t bw);
+
+// Name of the ISA level in use: "avx512", "avx2" or "generic".
+const char* active_isa_name();
+
+}  // namespace sparseprune::cpu
