@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <limits>
+
 #include "cpu/kernels.h"
 
 namespace sparseprune::cpu {
@@ -41,6 +44,10 @@ inline PreparedLinear prepare_linear(const at::Tensor& x, int64_t N, int64_t K, 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   r.y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  // Test aid: SPARSEPRUNE_POISON=1 fills the output with NaN first, so any element a kernel
+  // forgets to write shows up in the comparison against the reference.
+  if (const char* poison = std::getenv("SPARSEPRUNE_POISON"); poison && poison[0] == '1')
+    r.y.fill_(std::numeric_limits<float>::quiet_NaN());
   if (bias.has_value() && bias->defined()) {
     check_same(x, *bias, op, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ", bias->sizes());

@@ -49,7 +49,7 @@ def unpack_rows(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tenso
     """Inverse of :func:`pack_rows`: dense [R, K] with zeros at the pruned positions."""
     R = values.shape[0]
     G = K // 4
-    nib = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(R, -1)[:, :G].to(torch.int64)
+    nib = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(R, 2 * meta.shape[-1])[:, :G].to(torch.int64)
     pos = torch.stack([nib & 3, nib >> 2], dim=-1)  # [R, G, 2]
     dense = torch.zeros(R, G, 4, dtype=values.dtype, device=values.device)
     dense.scatter_(2, pos, values.reshape(R, G, 2))
@@ -60,6 +60,8 @@ def check_meta(meta: torch.Tensor, K: int, what: str) -> None:
     """Every real nibble must be one of the 6 legal codes; pad nibbles must be 0."""
     G = K // 4
     flat = meta.reshape(-1, meta.shape[-1])
+    if flat.numel() == 0:
+        return
     nib = torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(flat.shape[0], -1).to(torch.int64)
     real = nib[:, :G]
     bad = ~_VALID_LUT.to(real.device)[real]

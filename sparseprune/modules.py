@@ -1,0 +1,85 @@
+"""``SparseLinear``: a drop-in ``nn.Linear`` replacement holding a packed weight."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import backends as _backends
+from .formats import FORMATS, PackedWeight
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W^T + b with W stored packed (Semi24, BlockSparse or Hybrid).
+
+    The packed tensors are buffers (they follow ``.to()``, ``state_dict`` and ``model.half()``);
+    the bias is a frozen parameter so the module reads like ``nn.Linear``. ``backend`` is
+    ``"auto"`` or a registered backend name; "auto" resolves per device on first use.
+    """
+
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
+        super().__init__()
+        weight.validate()
+        self.kind = weight.kind
+        self.out_features, self.in_features = weight.shape
+        self._names = type(weight).tensor_names()
+        for name, t in weight.tensors().items():
+            self.register_buffer(name, t)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+            self.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.backend_request = backend
+        self._bound: tuple[str, _backends.Backend] | None = None  # (device type, backend) in use
+        self.backend = None if backend == "auto" else backend
+        self._bind(weight.device)
+
+    # --- construction helpers ---------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight: PackedWeight, backend: str = "auto") -> "SparseLinear":
+        return cls(weight, linear.bias, backend)
+
+    def packed_weight(self) -> PackedWeight:
+        return FORMATS[self.kind](shape=(self.out_features, self.in_features), **{n: getattr(self, n) for n in self._names})
+
+    def to_dense(self) -> torch.Tensor:
+        return self.packed_weight().to_dense()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    # --- backend binding ----------------------------------------------------------------------------
+    def _bind(self, device) -> None:
+        device = torch.device(device)
+        name, why = _backends.choose_backend(self.packed_weight(), device, self.backend_request)
+        if name is None:
+            raise RuntimeError(f"SparseLinear({self.kind}, {self.out_features}x{self.in_features}, {self.dtype}) "
+                               f"cannot run on {device}: {why}")
+        backend = _backends.get_backend(name)
+        backend.prepare(self)
+        self.backend = name
+        self._bound = (device.type, backend)
+
+    def set_backend(self, backend: str) -> "SparseLinear":
+        self.backend_request = backend
+        self._bind(self.values.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device != self.values.device:
+            raise RuntimeError(f"SparseLinear: input is on {x.device} but the weight is on {self.values.device}")
+        if x.dtype != self.values.dtype:
+            raise RuntimeError(f"SparseLinear: input dtype {x.dtype} does not match weight dtype {self.values.dtype}")
+        if self._bound is None or self._bound[0] != x.device.type:
+            self._bind(x.device)  # moved to another device type since the last call
+        return self._bound[1].forward(self, x)
+
+    def extra_repr(self) -> str:
+        w = self.packed_weight()
+        extra = f", block_size={w.block_size}" if hasattr(w, "block_size") else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.kind}{extra}, "
+                f"bias={self.bias is not None}, backend={self.backend}, "
+                f"bytes={w.nbytes / w.dense_nbytes:.3f} of dense")

@@ -1,0 +1,60 @@
+"""Shared test helpers: random packed weights and dtype-aware comparison against fp64."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparseprune.formats import BlockSparseWeight, HybridWeight, Semi24Weight
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Absolute floor as a fraction of the output scale, per dtype (the relative part is 2x torch's own error).
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def random_24_mask(n: int, k: int, device="cpu") -> torch.Tensor:
+    """Random 2:4 mask: two random positions out of every 4 (never all zero, never a no-op)."""
+    g = torch.rand(n, k // 4, 4, device=device).argsort(-1)[..., :2]
+    return torch.zeros(n, k // 4, 4, dtype=torch.bool, device=device).scatter_(2, g, True).reshape(n, k)
+
+
+def random_block_mask(n, k, block, density, device="cpu") -> torch.Tensor:
+    nbr, nbc = n // block[0], k // block[1]
+    m = torch.rand(nbr, nbc, device=device) < density
+    if density > 0 and not m.any():
+        m[0, 0] = True
+    return m
+
+
+def random_weight(kind: str, n: int, k: int, dtype=torch.float32, block=(32, 32), density=0.5, device="cpu"):
+    """(packed weight, masked dense fp32 weight) with fresh normal values (never zeros)."""
+    w = torch.randn(n, k, device=device).to(dtype)
+    if kind == "semi24":
+        packed = Semi24Weight.from_dense(w, random_24_mask(n, k, device))
+    elif kind == "bsr":
+        packed = BlockSparseWeight.from_dense(w, block, random_block_mask(n, k, block, density, device))
+    elif kind == "hybrid":
+        w = w * random_24_mask(n, k, device)
+        packed = HybridWeight.from_dense(w, block, random_block_mask(n, k, block, density, device))
+    else:
+        raise ValueError(kind)
+    packed.validate()
+    return packed, packed.to_dense().float()
+
+
+def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, w_dense: torch.Tensor, bias=None):
+    """Kernel error vs fp64 must be within 2x torch's own error in the same dtype plus a small floor."""
+    dtype = x.dtype
+    assert y.dtype == dtype, f"output dtype {y.dtype} != input dtype {dtype}"
+    ref64 = F.linear(x.double(), w_dense.double(), None if bias is None else bias.double())
+    assert y.shape == ref64.shape, f"shape {tuple(y.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(y).any(), "NaN in output: an element was not written (poisoned buffer) or computed wrongly"
+    if ref64.numel() == 0:
+        return
+    torch_out = F.linear(x, w_dense.to(dtype), None if bias is None else bias.to(dtype))
+    torch_err = (torch_out.double() - ref64).abs().max().item()
+    err = (y.double() - ref64).abs().max().item()
+    scale = ref64.abs().max().item()
+    tol = 2 * torch_err + FLOOR[dtype] * max(scale, 1.0)
+    assert err <= tol, f"max error {err:.3g} > tol {tol:.3g} (torch's own error {torch_err:.3g}, scale {scale:.3g})"
