@@ -6,3 +6,9 @@ from .formats import BlockSparseWeight, FormatError, HybridWeight, PackedWeight,
 __version__ = "0.1.0"
 
 __all__ = ["build_info", "BlockSparseWeight", "FormatError", "HybridWeight", "PackedWeight", "Semi24Weight"]
+
+from .convert import convert, pack  # noqa: E402
+from .modules import SparseLinear  # noqa: E402
+from .prune import prune  # noqa: E402
+
+__all__ += ["convert", "pack", "prune", "SparseLinear"]

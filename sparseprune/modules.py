@@ -17,7 +17,8 @@ class SparseLinear(nn.Module):
     ``"auto"`` or a registered backend name; "auto" resolves per device on first use.
     """
 
-    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None, backend: str = "auto"):
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None, backend: str = "auto",
+                 in_perm: torch.Tensor | None = None):
         super().__init__()
         weight.validate()
         self.kind = weight.kind
@@ -31,6 +32,14 @@ class SparseLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # Input-channel permutation (2:4 channel permutation that could not be folded into the
+        # previous layer): the packed weight is W[:, in_perm], so the input is gathered to match.
+        if in_perm is not None:
+            in_perm = torch.as_tensor(in_perm, dtype=torch.int64, device=weight.device)
+            if in_perm.shape != (self.in_features,) or not torch.equal(
+                    in_perm.sort().values, torch.arange(self.in_features, device=in_perm.device)):
+                raise ValueError(f"in_perm must be a permutation of range({self.in_features})")
+        self.register_buffer("in_perm", in_perm)
         self.backend_request = backend
         self._bound: tuple[str, _backends.Backend] | None = None  # (device type, backend) in use
         self.backend = None if backend == "auto" else backend
@@ -45,7 +54,11 @@ class SparseLinear(nn.Module):
         return FORMATS[self.kind](shape=(self.out_features, self.in_features), **{n: getattr(self, n) for n in self._names})
 
     def to_dense(self) -> torch.Tensor:
-        return self.packed_weight().to_dense()
+        """The equivalent dense weight [out, in] in the module's input order (permutation undone)."""
+        w = self.packed_weight().to_dense()
+        if self.in_perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.in_perm, w)
+        return w
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,6 +88,8 @@ class SparseLinear(nn.Module):
             raise RuntimeError(f"SparseLinear: input dtype {x.dtype} does not match weight dtype {self.values.dtype}")
         if self._bound is None or self._bound[0] != x.device.type:
             self._bind(x.device)  # moved to another device type since the last call
+        if self.in_perm is not None:
+            x = x.index_select(-1, self.in_perm)
         return self._bound[1].forward(self, x)
 
     def extra_repr(self) -> str:

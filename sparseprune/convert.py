@@ -1,0 +1,75 @@
+"""``convert()``: prune (if needed), pack and swap each eligible nn.Linear for a SparseLinear."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from . import backends as _backends
+from .formats import BlockSparseWeight, HybridWeight, Semi24Weight
+from .modules import SparseLinear
+from .prune.api import prune_model
+from .prune.patterns import parse_pattern
+
+
+def pack(weight: torch.Tensor, pattern, mask: torch.Tensor | None = None):
+    """Packs a weight that already has ``pattern``'s zeros (or ``mask``) into its format."""
+    w = weight.detach()
+    if pattern.kind == "nm":
+        return Semi24Weight.from_dense(w, mask)
+    bh, bw = pattern.block_size
+    keep = mask if mask is not None else w != 0
+    block_keep = keep.reshape(w.shape[0] // bh, bh, w.shape[1] // bw, bw).any(dim=(1, 3))
+    if pattern.kind == "block":
+        return BlockSparseWeight.from_dense(w, pattern.block_size, block_keep)
+    return HybridWeight.from_dense(w * keep if mask is not None else w, pattern.block_size, block_keep)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size=(32, 32), method="magnitude",
+            include=None, exclude=None, backend: str = "auto", strict: bool = False, calibration=None,
+            global_budget: bool = False, progress: bool = False) -> nn.Module:
+    """Replace each eligible ``nn.Linear`` of ``model`` (in place) with a :class:`SparseLinear`.
+
+    pattern: "2:4" (or sparser N:4), "block" or "hybrid". Weights that already have the pattern
+    are packed as they are; dense ones are pruned first with ``method`` ("magnitude", or a
+    calibrated method given ``calibration``). ``sparsity`` is the fraction of blocks pruned for
+    block/hybrid (a float, or {module-name glob: float}). ``include``/``exclude``: module-name
+    globs. ``backend``: "auto" or a backend name ("cpu", "triton", "cuda"). Layers that cannot
+    be served are left dense and listed in the report, or raise ``ValueError`` with strict=True.
+
+    Returns ``model``; the report is ``model.sparseprune_report`` (print it for a table).
+    """
+    pat = parse_pattern(pattern, sparsity=sparsity if not isinstance(sparsity, dict) else None, block_size=block_size)
+    if not pat.packable:
+        raise ValueError(f"pattern {pat.name!r} has no kernels: convert() serves '2:4' (or N:4 with N <= 2), 'block' "
+                         f"and 'hybrid'; use sparseprune.prune() to study other patterns")
+    kind = {"nm": "semi24", "block": "bsr", "hybrid": "hybrid"}[pat.kind]
+
+    def backend_check(name, mod):
+        spec = SimpleNamespace(kind=kind, dtype=mod.weight.dtype, shape=tuple(mod.weight.shape))
+        chosen, why = _backends.choose_backend(spec, mod.weight.device, backend)
+        return None if chosen else f"no backend can run it: {why}"
+
+    report, results = prune_model(model, pat, sparsity=sparsity, block_size=block_size, method=method,
+                                  include=include, exclude=exclude, calibration=calibration,
+                                  global_budget=global_budget, strict=strict, extra_check=backend_check,
+                                  progress=progress)
+    for name, (plan, mask) in results.items():
+        lin = plan.module
+        packed = pack(lin.weight, pat, mask)
+        sparse = SparseLinear(packed, lin.bias, backend=backend)
+        _set_submodule(model, name, sparse)
+        lr = report[name]
+        lr.status = "converted" if lr.status == "pruned" else lr.status
+        lr.backend = sparse.backend
+        lr.bytes_ratio = packed.nbytes / packed.dense_nbytes
+    model.sparseprune_report = report
+    return model

@@ -1,0 +1,100 @@
+"""``prune()``: make masks for the selected layers and apply them to the dense weights in place."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..report import LayerReport, Report
+from .masks import block_scores, keep_top
+from .methods import get_method
+from .patterns import parse_pattern, satisfies
+from .select import select_layers
+
+
+def _global_block_keep(plans, method, stats_by_name):
+    """One budget across layers: rank every block (or weight) of every layer together.
+
+    Scores are divided by each layer's mean score first, so a layer whose weights are simply
+    smaller in scale is not emptied by the global ranking.
+    """
+    per_layer = []
+    for p in plans:
+        sc = method.scores(p.module.weight, stats_by_name.get(p.name))
+        sc = sc / sc.mean().clamp_min(1e-30)
+        per_layer.append(block_scores(sc, p.pattern.block_size) if p.pattern.kind != "unstructured" else sc)
+    flat = torch.cat([s.reshape(-1) for s in per_layer])
+    keep = keep_top(flat, plans[0].sparsity)
+    out, i = {}, 0
+    for p, s in zip(plans, per_layer):
+        out[p.name] = keep[i:i + s.numel()].reshape(s.shape)
+        i += s.numel()
+    return out
+
+
+def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(32, 32), method="magnitude",
+                include=None, exclude=None, calibration=None, global_budget=False, strict=False,
+                extra_check=None, progress=False):
+    """Core of prune() and convert(). Returns (report, {name: (plan, mask)})."""
+    pat = parse_pattern(pattern, sparsity=sparsity if not isinstance(sparsity, dict) else None, block_size=block_size)
+    meth = get_method(method)
+    plans, skipped = select_layers(model, pat, sparsity=sparsity, include=include, exclude=exclude,
+                                   extra_check=extra_check)
+    if strict and skipped:
+        lines = "; ".join(f"{n}: {r}" for n, _, r in skipped)
+        raise ValueError(f"strict=True and {len(skipped)} layer(s) cannot take pattern {pat.name}: {lines}")
+    report = Report(pattern=pat.name, method=meth.name)
+    for name, shape, reason in skipped:
+        report.layers.append(LayerReport(name, shape, "skipped", pat.name, reason=reason))
+
+    as_is = {p.name for p in plans if satisfies(p.module.weight, p.pattern, p.sparsity)}
+    todo = [p for p in plans if p.name not in as_is]
+    for p in todo:
+        if p.pattern.kind != "nm" and p.sparsity is None and not global_budget:
+            raise ValueError(f"layer {p.name}: pattern '{p.pattern.name}' needs sparsity= (its weight is not "
+                             f"already {p.pattern.name}-sparse)")
+
+    results: dict[str, tuple] = {}
+    if todo and meth.needs_calibration:
+        from .calibrate import prune_with_calibration
+
+        masks = prune_with_calibration(model, todo, meth, calibration, global_budget=global_budget, progress=progress)
+    else:
+        masks = {}
+        block_keep = {}
+        if global_budget and todo and pat.kind != "nm":
+            if sparsity is None or isinstance(sparsity, dict):
+                raise ValueError("global_budget=True needs one float sparsity for the whole model")
+            block_keep = _global_block_keep(todo, meth, {})
+        for p in todo:
+            w = p.module.weight
+            with torch.no_grad():
+                mask, new_w = meth.prune_layer(w.data, p.pattern, p.sparsity, block_keep=block_keep.get(p.name))
+                w.data.copy_(new_w.to(w.dtype))
+            masks[p.name] = mask
+    for p in plans:
+        if p.name in as_is:
+            mask = p.module.weight.detach() != 0
+        else:
+            mask = masks[p.name]
+        results[p.name] = (p, mask)
+        zero = 1.0 - mask.float().mean().item()
+        report.layers.append(LayerReport(p.name, tuple(p.module.weight.shape),
+                                         "packed-as-is" if p.name in as_is else "pruned", pat.name, sparsity=zero))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    report.layers.sort(key=lambda lr: order.get(lr.name, 0))
+    return report, results
+
+
+def prune(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(32, 32), method="magnitude", include=None,
+          exclude=None, calibration=None, global_budget=False, strict=False, progress=False) -> Report:
+    """Prune the model's nn.Linear weights in place (they stay dense) and return a report.
+
+    ``pattern``: "N:M" (e.g. "2:4", "4:8"), "block", "hybrid" or "unstructured". ``sparsity``: a
+    float, or {module-name glob: float}; for block and hybrid it is the fraction of blocks pruned.
+    ``global_budget=True`` ranks blocks (or weights) of all layers together under one sparsity.
+    """
+    report, _ = prune_model(model, pattern, sparsity=sparsity, block_size=block_size, method=method,
+                            include=include, exclude=exclude, calibration=calibration,
+                            global_budget=global_budget, strict=strict, progress=progress)
+    return report
