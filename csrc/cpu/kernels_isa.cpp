@@ -1,96 +1,337 @@
 // Compiled once per ISA level (SP_ISA = generic | avx2 | avx512, see CMakeLists.txt).
-// FIRST VERSION: straightforward fp32-accumulating loops; the tuned kernels replace these.
+//
+// Each op has two paths, chosen by batch size:
+//  * B <= kGemvMaxB: GEMV. Weights are streamed once per group of up to 4 x rows (memory-bound).
+//  * otherwise: tiled. x is transposed into xT[K][BT] fp32 (shared by the threads, one batch tile at
+//    a time) and each thread owns a contiguous range of output rows (balanced by stored blocks).
+// All arithmetic is fp32; every output is rounded once to the dtype. Meta codes are 2 bits per
+// position, so any byte value keeps reads inside their group of 4.
 #include <omp.h>
 
+#include <algorithm>
 #include <cstring>
-#include <vector>
+#include <memory>
 
+#include "cpu/kern_sparse.h"
 #include "cpu/kernels.h"
-
-#define SP_CAT2(a, b) a##b
-#define SP_CAT(a, b) SP_CAT2(a, b)
 
 namespace sparseprune::cpu::SP_ISA {
 
 namespace {
-inline float load(const void* p, int64_t i, DType dt) {
-  switch (dt) {
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::BF16: {
-      uint32_t u = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
-      float f;
-      std::memcpy(&f, &u, 4);
-      return f;
+
+// Largest batch served by the GEMV path (measured on Zen 5: tiles win from ~8 rows up).
+constexpr int64_t kGemvMaxB = 4;
+constexpr int NBG = 4;  // x rows per GEMV pass: weights re-read (from L1/L2) once per 4 rows
+
+// Semi24 tiled: rows in chunks of kRowChunk and K in tiles of kKTile. The xT sub-tile
+// (kKTile x BT fp32 = 16 KB on AVX-512) plus the chunk's partial sums (8 KB) fit a 32 KB L1d.
+constexpr int64_t kRowChunk = 32;
+constexpr int64_t kKTile = 64;
+
+template <DType DT> using T_ = typename St<DT>::T;
+
+// Contiguous range [lo, hi) of block rows for thread t of nt, balanced by cost ~ stored blocks * bw
+// plus one unit per block row (its finalisation).
+void split_block_rows(const int32_t* crow, int64_t nbr, int64_t bw, int t, int nt, int64_t& lo, int64_t& hi) {
+  auto cost = [&](int64_t br) { return int64_t(crow[br]) * bw + br; };
+  const int64_t total = cost(nbr);
+  auto first_at_least = [&](int64_t target) {
+    int64_t a = 0, b = nbr;  // cost is strictly increasing in br
+    while (a < b) {
+      int64_t mid = (a + b) / 2;
+      if (cost(mid) >= target) b = mid;
+      else a = mid + 1;
     }
-    default: return static_cast<float>(static_cast<const _Float16*>(p)[i]);
+    return a;
+  };
+  lo = t == 0 ? 0 : first_at_least(total * t / nt);
+  hi = t + 1 == nt ? nbr : first_at_least(total * (t + 1) / nt);
+}
+
+// x rows as fp32 for the GEMV path (x itself when it already is fp32).
+template <DType DT> const float* x_as_f32(const LinearProblem& p, Scratch& buf) {
+  if constexpr (DT == DType::F32) {
+    return static_cast<const float*>(p.x);
+  } else {
+    const int64_t n = p.B * p.K;
+    const T_<DT>* x = static_cast<const T_<DT>*>(p.x);
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; i += 4096) to_f32<DT>(x + i, std::min<int64_t>(4096, n - i), buf.p + i);
+    return buf.p;
   }
 }
-inline void store(void* p, int64_t i, float v, DType dt) {
-  switch (dt) {
-    case DType::F32: static_cast<float*>(p)[i] = v; break;
-    case DType::BF16: {
-      uint32_t u;
-      std::memcpy(&u, &v, 4);
-      if ((u & 0x7fffffffu) > 0x7f800000u) {
-        u = (u | 0x00400000u);  // quiet NaN
-      } else {
-        u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+
+template <DType DT> SP_INLINE void put(const LinearProblem& p, int64_t b, int64_t n, float v) {
+  if (p.bias) v += lds<DT>(static_cast<const T_<DT>*>(p.bias) + n);
+  sts<DT>(static_cast<T_<DT>*>(p.y) + b * p.N + n, v);
+}
+
+// Transposes x rows [b0, b0+nb) into xT[k][0..BT) as fp32; lanes nb..nvw are zeroed (finite values,
+// never stored). Called inside a parallel region: the k range is shared among the threads.
+template <DType DT> void transpose_tile(const LinearProblem& p, int64_t b0, int64_t nb, int64_t nvw, float* xT) {
+  const T_<DT>* x = static_cast<const T_<DT>*>(p.x);
+  const int64_t K = p.K;
+  constexpr int64_t KB = 32;  // 32 xT rows (8 KB) stay in L1 while the nb source rows are read
+#pragma omp for schedule(static)
+  for (int64_t kb = 0; kb < K; kb += KB) {
+    const int64_t ke = std::min(K, kb + KB);
+    for (int64_t j = 0; j < nb; ++j) {
+      const T_<DT>* xr = x + (b0 + j) * K;
+      for (int64_t k = kb; k < ke; ++k) xT[k * BT + j] = lds<DT>(xr + k);
+    }
+    for (int64_t j = nb; j < nvw; ++j)
+      for (int64_t k = kb; k < ke; ++k) xT[k * BT + j] = 0.f;
+  }  // implicit barrier: the tile is complete before anyone uses it
+}
+
+// Writes part[r][j] (r < nr rows from n0, j < nb batch rows from b0) with bias, rounded once.
+template <DType DT>
+void finalize(const LinearProblem& p, const float* part, int64_t n0, int64_t nr, int64_t b0, int64_t nb) {
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t r = 0; r < nr; ++r) put<DT>(p, b0 + j, n0 + r, part[r * BT + j]);
+}
+
+#define SP_NV_SWITCH(nv, call) \
+  switch (nv) {                \
+    case 1: call(1); break;    \
+    case 2: call(2); break;    \
+    case 3: call(3); break;    \
+    default: call(4); break;   \
+  }
+
+// ================================================================== semi24
+template <int NB, DType DT>
+void semi24_gemv_row(const LinearProblem& p, const T_<DT>* w, const uint8_t* m, const float* xf, int64_t n,
+                     int64_t b0) {
+  vf acc[2 * NB] = {};
+  float sacc[NB] = {};
+  semi_seg<NB, DT>(w, m, p.K / 4, xf + b0 * p.K, p.K, acc, sacc);
+  for (int b = 0; b < NB; ++b) put<DT>(p, b0 + b, n, hsum(acc[b] + acc[NB + b]) + sacc[b]);
+}
+
+template <DType DT> void semi24_gemv(const LinearProblem& p, const T_<DT>* values, const uint8_t* meta, int64_t ms) {
+  Scratch xbuf(DT == DType::F32 ? 1 : p.B * p.K);
+  const float* xf = x_as_f32<DT>(p, xbuf);
+  const int64_t K = p.K;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < p.N; ++n) {
+    const T_<DT>* w = values + n * (K / 2);
+    const uint8_t* m = meta + n * ms;
+    for (int64_t b0 = 0; b0 < p.B; b0 += NBG) {
+      switch (std::min<int64_t>(NBG, p.B - b0)) {
+        case 1: semi24_gemv_row<1, DT>(p, w, m, xf, n, b0); break;
+        case 2: semi24_gemv_row<2, DT>(p, w, m, xf, n, b0); break;
+        case 3: semi24_gemv_row<3, DT>(p, w, m, xf, n, b0); break;
+        default: semi24_gemv_row<4, DT>(p, w, m, xf, n, b0); break;
       }
-      static_cast<uint16_t*>(p)[i] = uint16_t(u >> 16);
-      break;
     }
-    default: static_cast<_Float16*>(p)[i] = static_cast<_Float16>(v);
   }
 }
+
+// Rows [r0, r0+nr) of a 2:4 segment: w[r] / m[r] point at the segment start of row r.
+template <int NV> void semi_rows(const float* const* w, const uint8_t* const* m, int64_t nr, int64_t ng,
+                                 const float* xs, float* part) {
+  int64_t r = 0;
+  for (; r + RB <= nr; r += RB) semi_tile<RB, NV>(w + r, m + r, ng, xs, part + r * BT);
+  for (; r < nr; ++r) semi_tile<1, NV>(w + r, m + r, ng, xs, part + r * BT);
+}
+
+template <DType DT>
+void semi24_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* meta, int64_t ms) {
+  const int64_t K = p.K, N = p.N, G = K / 4;
+  Scratch xT(K * BT);
+#pragma omp parallel
+  {
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    // Even row split, rounded to whole chunks.
+    const int64_t nchunks = (N + kRowChunk - 1) / kRowChunk;
+    const int64_t lo = std::min(N, nchunks * t / nt * kRowChunk), hi = std::min(N, nchunks * (t + 1) / nt * kRowChunk);
+    Scratch part(kRowChunk * BT);
+    Scratch wconv(DT == DType::F32 ? 1 : kRowChunk * kKTile / 2);
+    const float* wp[kRowChunk];
+    const uint8_t* mp[kRowChunk];
+    for (int64_t b0 = 0; b0 < p.B; b0 += BT) {
+      const int64_t nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
+      transpose_tile<DT>(p, b0, nb, nv * VW, xT.p);
+      for (int64_t c0 = lo; c0 < hi; c0 += kRowChunk) {
+        const int64_t nr = std::min(kRowChunk, hi - c0);
+        std::memset(part.p, 0, sizeof(float) * kRowChunk * BT);
+        for (int64_t g0 = 0; g0 < G; g0 += kKTile / 4) {
+          const int64_t ng = std::min(kKTile / 4, G - g0);
+          for (int64_t r = 0; r < nr; ++r) {
+            const T_<DT>* src = values + (c0 + r) * (K / 2) + 2 * g0;
+            if constexpr (DT == DType::F32) {
+              wp[r] = src;
+            } else {
+              float* d = wconv.p + r * (kKTile / 2);
+              to_f32<DT>(src, 2 * ng, d);
+              wp[r] = d;
+            }
+            mp[r] = meta + (c0 + r) * ms + g0 / 2;  // g0 is a multiple of 16: byte aligned
+          }
+          const float* xs = xT.p + 4 * g0 * BT;
+#define SP_CALL(NV) semi_rows<NV>(wp, mp, nr, ng, xs, part.p)
+          SP_NV_SWITCH(nv, SP_CALL)
+#undef SP_CALL
+        }
+        finalize<DT>(p, part.p, c0, nr, b0, nb);
+      }
+#pragma omp barrier  // xT is rewritten for the next tile
+    }
+  }
+}
+
+template <DType DT> void semi24_impl(const LinearProblem& p, const void* values, const uint8_t* meta, int64_t ms) {
+  const T_<DT>* v = static_cast<const T_<DT>*>(values);
+  if (p.B <= kGemvMaxB) semi24_gemv<DT>(p, v, meta, ms);
+  else semi24_tiled<DT>(p, v, meta, ms);
+}
+
+// ================================================================== BSR and hybrid (shared drivers)
+// Block-outer GEMV: for each block of a block row, all its rows accumulate into per-row vectors
+// kept in a small L1 buffer, so the weights stream strictly sequentially.
+template <bool SEMI, int NB, DType DT>
+void block_gemv_rows(const LinearProblem& p, const T_<DT>* values, const uint8_t* meta, const int32_t* crow,
+                     const int32_t* col, int64_t bh, int64_t bw, int64_t br, const float* xf, int64_t b0, vf* vacc,
+                     float* sacc) {
+  const int64_t K = p.K;
+  std::memset(static_cast<void*>(vacc), 0, sizeof(vf) * 2 * NB * bh);
+  std::memset(sacc, 0, sizeof(float) * NB * bh);
+  const float* xb = xf + b0 * K;
+  for (int64_t i = crow[br]; i < crow[br + 1]; ++i) {
+    const float* xs = xb + int64_t(col[i]) * bw;
+    for (int64_t r = 0; r < bh; ++r) {
+      if constexpr (SEMI)
+        semi_seg<NB, DT>(values + (i * bh + r) * (bw / 2), meta + (i * bh + r) * (bw / 8), bw / 4, xs, K,
+                         vacc + r * 2 * NB, sacc + r * NB);
+      else
+        dense_seg<NB, DT>(values + (i * bh + r) * bw, bw, xs, K, vacc + r * 2 * NB, sacc + r * NB);
+    }
+  }
+  for (int64_t r = 0; r < bh; ++r)
+    for (int b = 0; b < NB; ++b)
+      put<DT>(p, b0 + b, br * bh + r, hsum(vacc[r * 2 * NB + b] + vacc[r * 2 * NB + NB + b]) + sacc[r * NB + b]);
+}
+
+template <bool SEMI, DType DT>
+void block_gemv(const LinearProblem& p, const T_<DT>* values, const uint8_t* meta, const int32_t* crow,
+                const int32_t* col, int64_t bh, int64_t bw) {
+  Scratch xbuf(DT == DType::F32 ? 1 : p.B * p.K);
+  const float* xf = x_as_f32<DT>(p, xbuf);
+  const int64_t nbr = p.N / bh;
+#pragma omp parallel
+  {
+    int64_t lo, hi;
+    split_block_rows(crow, nbr, bw, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+    Scratch vbuf(int64_t(sizeof(vf) / 4) * 2 * NBG * bh);
+    Scratch sbuf(NBG * bh);
+    vf* vacc = reinterpret_cast<vf*>(vbuf.p);
+    for (int64_t br = lo; br < hi; ++br)
+      for (int64_t b0 = 0; b0 < p.B; b0 += NBG) {
+        switch (std::min<int64_t>(NBG, p.B - b0)) {
+          case 1: block_gemv_rows<SEMI, 1, DT>(p, values, meta, crow, col, bh, bw, br, xf, b0, vacc, sbuf.p); break;
+          case 2: block_gemv_rows<SEMI, 2, DT>(p, values, meta, crow, col, bh, bw, br, xf, b0, vacc, sbuf.p); break;
+          case 3: block_gemv_rows<SEMI, 3, DT>(p, values, meta, crow, col, bh, bw, br, xf, b0, vacc, sbuf.p); break;
+          default: block_gemv_rows<SEMI, 4, DT>(p, values, meta, crow, col, bh, bw, br, xf, b0, vacc, sbuf.p); break;
+        }
+      }
+  }
+}
+
+template <int NV> void bsr_rows(const float* w, int64_t bh, int64_t bw, const float* xs, float* part) {
+  int64_t r = 0;
+  for (; r + RB <= bh; r += RB) bsr_tile<RB, NV>(w + r * bw, bw, bw, xs, part + r * BT);
+  for (; r < bh; ++r) bsr_tile<1, NV>(w + r * bw, bw, bw, xs, part + r * BT);
+}
+
+// Tiled BSR / hybrid: block-outer within a block row; the block row's partial sums part[bh][BT]
+// stay in L1 and the block's xT rows (bw x BT) are reused by all its row groups.
+template <bool SEMI, DType DT>
+void block_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* meta, const int32_t* crow,
+                 const int32_t* col, int64_t bh, int64_t bw) {
+  const int64_t nbr = p.N / bh;
+  const int64_t wlen = SEMI ? bh * (bw / 2) : bh * bw;  // stored values per block
+  Scratch xT(p.K * BT);
+#pragma omp parallel
+  {
+    int64_t lo, hi;
+    split_block_rows(crow, nbr, bw, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+    Scratch part(bh * BT);
+    Scratch wconv(DT == DType::F32 ? 1 : wlen);
+    std::unique_ptr<const float*[]> wp(new const float*[SEMI ? bh : 1]);
+    std::unique_ptr<const uint8_t*[]> mp(new const uint8_t*[SEMI ? bh : 1]);
+    for (int64_t b0 = 0; b0 < p.B; b0 += BT) {
+      const int64_t nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
+      transpose_tile<DT>(p, b0, nb, nv * VW, xT.p);
+      for (int64_t br = lo; br < hi; ++br) {
+        std::memset(part.p, 0, sizeof(float) * bh * BT);
+        for (int64_t i = crow[br]; i < crow[br + 1]; ++i) {
+          const float* w;
+          if constexpr (DT == DType::F32) {
+            w = values + i * wlen;
+          } else {
+            to_f32<DT>(values + i * wlen, wlen, wconv.p);
+            w = wconv.p;
+          }
+          const float* xs = xT.p + int64_t(col[i]) * bw * BT;
+          if constexpr (SEMI) {
+            for (int64_t r = 0; r < bh; ++r) {
+              wp[r] = w + r * (bw / 2);
+              mp[r] = meta + (i * bh + r) * (bw / 8);
+            }
+#define SP_CALL(NV) semi_rows<NV>(wp.get(), mp.get(), bh, bw / 4, xs, part.p)
+            SP_NV_SWITCH(nv, SP_CALL)
+#undef SP_CALL
+          } else {
+#define SP_CALL(NV) bsr_rows<NV>(w, bh, bw, xs, part.p)
+            SP_NV_SWITCH(nv, SP_CALL)
+#undef SP_CALL
+          }
+        }
+        finalize<DT>(p, part.p, br * bh, bh, b0, nb);
+      }
+#pragma omp barrier  // xT is rewritten for the next tile
+    }
+  }
+}
+
+template <bool SEMI, DType DT>
+void block_impl(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
+                const int32_t* col, int64_t bh, int64_t bw) {
+  const T_<DT>* v = static_cast<const T_<DT>*>(values);
+  if (p.B <= kGemvMaxB) block_gemv<SEMI, DT>(p, v, meta, crow, col, bh, bw);
+  else block_tiled<SEMI, DT>(p, v, meta, crow, col, bh, bw);
+}
+
 }  // namespace
 
 void semi24_linear(const LinearProblem& p, const void* values, const uint8_t* meta, int64_t meta_stride) {
-  const int64_t G = p.K / 4;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < p.B; ++b)
-    for (int64_t n = 0; n < p.N; ++n) {
-      float acc = p.bias ? load(p.bias, n, p.dtype) : 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        uint8_t nib = (meta[n * meta_stride + g / 2] >> ((g & 1) * 4)) & 0xF;
-        acc += load(values, n * (p.K / 2) + 2 * g, p.dtype) * load(p.x, b * p.K + 4 * g + (nib & 3), p.dtype);
-        acc += load(values, n * (p.K / 2) + 2 * g + 1, p.dtype) * load(p.x, b * p.K + 4 * g + (nib >> 2), p.dtype);
-      }
-      store(p.y, b * p.N + n, acc, p.dtype);
-    }
+  if (p.B <= 0 || p.N <= 0) return;
+  switch (p.dtype) {
+    case DType::F32: return semi24_impl<DType::F32>(p, values, meta, meta_stride);
+    case DType::BF16: return semi24_impl<DType::BF16>(p, values, meta, meta_stride);
+    default: return semi24_impl<DType::F16>(p, values, meta, meta_stride);
+  }
 }
 
 void bsr_linear(const LinearProblem& p, const void* values, const int32_t* crow, const int32_t* col, int64_t bh,
                 int64_t bw) {
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < p.B; ++b)
-    for (int64_t n = 0; n < p.N; ++n) {
-      const int64_t br = n / bh, r = n % bh;
-      float acc = p.bias ? load(p.bias, n, p.dtype) : 0.f;
-      for (int64_t i = crow[br]; i < crow[br + 1]; ++i)
-        for (int64_t c = 0; c < bw; ++c)
-          acc += load(values, (i * bh + r) * bw + c, p.dtype) * load(p.x, b * p.K + col[i] * bw + c, p.dtype);
-      store(p.y, b * p.N + n, acc, p.dtype);
-    }
+  if (p.B <= 0 || p.N <= 0) return;
+  switch (p.dtype) {
+    case DType::F32: return block_impl<false, DType::F32>(p, values, nullptr, crow, col, bh, bw);
+    case DType::BF16: return block_impl<false, DType::BF16>(p, values, nullptr, crow, col, bh, bw);
+    default: return block_impl<false, DType::F16>(p, values, nullptr, crow, col, bh, bw);
+  }
 }
 
 void hybrid_linear(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
                    const int32_t* col, int64_t bh, int64_t bw) {
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < p.B; ++b)
-    for (int64_t n = 0; n < p.N; ++n) {
-      const int64_t br = n / bh, r = n % bh;
-      float acc = p.bias ? load(p.bias, n, p.dtype) : 0.f;
-      for (int64_t i = crow[br]; i < crow[br + 1]; ++i) {
-        const uint8_t* m = meta + (i * bh + r) * (bw / 8);
-        const int64_t vbase = (i * bh + r) * (bw / 2), xbase = b * p.K + col[i] * bw;
-        for (int64_t g = 0; g < bw / 4; ++g) {
-          uint8_t nib = (m[g / 2] >> ((g & 1) * 4)) & 0xF;
-          acc += load(values, vbase + 2 * g, p.dtype) * load(p.x, xbase + 4 * g + (nib & 3), p.dtype);
-          acc += load(values, vbase + 2 * g + 1, p.dtype) * load(p.x, xbase + 4 * g + (nib >> 2), p.dtype);
-        }
-      }
-      store(p.y, b * p.N + n, acc, p.dtype);
-    }
+  if (p.B <= 0 || p.N <= 0) return;
+  switch (p.dtype) {
+    case DType::F32: return block_impl<true, DType::F32>(p, values, meta, crow, col, bh, bw);
+    case DType::BF16: return block_impl<true, DType::BF16>(p, values, meta, crow, col, bh, bw);
+    default: return block_impl<true, DType::F16>(p, values, meta, crow, col, bh, bw);
+  }
 }
 
 }  // namespace sparseprune::cpu::SP_ISA

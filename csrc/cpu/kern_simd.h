@@ -1,0 +1,137 @@
+// SIMD helpers shared by the per-ISA kernel builds (included only from kernels_isa.cpp, which defines
+// SP_ISA). One source serves every level: the vector width follows the compile flags, and plain GCC
+// vector extensions carry the arithmetic, so the generic build is the same algorithm on SSE2.
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/kernels.h"
+
+#ifndef SP_ISA
+#error "kern_simd.h is meant for kernels_isa.cpp (compiled once per ISA with SP_ISA defined)"
+#endif
+
+#define SP_INLINE inline __attribute__((always_inline))
+
+namespace sparseprune::cpu::SP_ISA {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;  // floats per vector
+constexpr int RB = 4;   // rows register-blocked in tiled kernels: 4 rows x 4 vectors = 16 of 32 zmm accumulators
+#elif defined(__AVX2__)
+constexpr int VW = 8;
+constexpr int RB = 2;  // 16 ymm: 2 x 4 accumulators leave room for the x rows and the broadcast
+#else
+constexpr int VW = 4;
+constexpr int RB = 2;
+#endif
+constexpr int NVMAX = 4;          // vectors of batch per tile row
+constexpr int BT = NVMAX * VW;    // batch tile (64 fp32 on AVX-512): one transposed x row = 4 vectors
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));
+
+SP_INLINE vf vld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+SP_INLINE void vst(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+SP_INLINE vf vset1(float s) {
+  vf r;
+  for (int i = 0; i < VW; ++i) r[i] = s;  // GCC turns this into one broadcast
+  return r;
+}
+SP_INLINE float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+
+// Storage type per dtype: bf16 and fp16 travel as raw 16-bit words.
+template <DType DT> struct St { using T = uint16_t; };
+template <> struct St<DType::F32> { using T = float; };
+
+SP_INLINE float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+SP_INLINE float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  _Float16 v;
+  std::memcpy(&v, &h, 2);
+  return static_cast<float>(v);
+#endif
+}
+
+template <DType DT> SP_INLINE float lds(const typename St<DT>::T* p) {
+  if constexpr (DT == DType::F32) return *p;
+  else if constexpr (DT == DType::BF16) return bf16_to_f32(*p);
+  else return f16_to_f32(*p);
+}
+
+// VW consecutive values as fp32.
+template <DType DT> SP_INLINE vf ldv(const typename St<DT>::T* p) {
+  if constexpr (DT == DType::F32) {
+    return vld(p);
+  } else {
+#if defined(__AVX512F__)
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (DT == DType::BF16) return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return (vf)_mm512_cvtph_ps(h);
+#elif defined(__AVX2__)
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (DT == DType::BF16) return (vf)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else return (vf)_mm256_cvtph_ps(h);
+#else
+    vf r;
+    for (int i = 0; i < VW; ++i) r[i] = lds<DT>(p + i);
+    return r;
+#endif
+  }
+}
+
+// Rounds once to the storage dtype: bf16 round-to-nearest-even with NaN kept (quiet) NaN.
+template <DType DT> SP_INLINE void sts(typename St<DT>::T* p, float v) {
+  if constexpr (DT == DType::F32) {
+    *p = v;
+  } else if constexpr (DT == DType::BF16) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) u |= 0x00400000u;
+    else u += 0x7fffu + ((u >> 16) & 1u);
+    *p = uint16_t(u >> 16);
+  } else {
+#if defined(__F16C__)
+    *p = uint16_t(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
+#else
+    _Float16 h = static_cast<_Float16>(v);
+    std::memcpy(p, &h, 2);
+#endif
+  }
+}
+
+// n values to fp32.
+template <DType DT> SP_INLINE void to_f32(const typename St<DT>::T* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) vst(dst + i, ldv<DT>(src + i));
+  for (; i < n; ++i) dst[i] = lds<DT>(src + i);
+}
+
+// 64-byte aligned scratch (aligned rows keep the tile loads on one cache line each).
+struct Scratch {
+  float* p = nullptr;
+  explicit Scratch(int64_t n) {
+    size_t bytes = (size_t(n > 0 ? n : 1) * 4 + 63) / 64 * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+}  // namespace sparseprune::cpu::SP_ISA
