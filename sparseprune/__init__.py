@@ -11,4 +11,6 @@ from .convert import convert, pack  # noqa: E402
 from .modules import SparseLinear  # noqa: E402
 from .prune import prune  # noqa: E402
 
-__all__ += ["convert", "pack", "prune", "SparseLinear"]
+from .checkpoint import load, save  # noqa: E402
+
+__all__ += ["convert", "pack", "prune", "SparseLinear", "save", "load"]

@@ -61,10 +61,36 @@ class CpuBackend(Backend):
         return ops.hybrid_linear(x, module.values, module.meta, module.crow, module.col, module.in_features, module.bias)
 
 
+class DenseBackend(Backend):
+    """Plain ``F.linear`` on a dense copy of the weight, on any device.
+
+    It is the baseline that backend="auto" measures the sparse kernels against: a layer (or batch
+    bucket) where no sparse kernel beats it runs dense. The copy is a non-persistent buffer
+    (``dense_weight``, in the packed input order), so checkpoints never hold it; it costs the full
+    dense size on top of the packed tensors, and only layers that use it pay for it.
+    """
+
+    name = "dense"
+    kinds = ("semi24", "bsr", "hybrid")
+
+    def prepare(self, module) -> None:
+        w = module.packed_weight().to_dense()
+        module.register_buffer("dense_weight", w, persistent=False)
+
+    def release(self, module) -> None:
+        """Drops the dense copy (when no bucket of the layer runs dense any more)."""
+        if "dense_weight" in module._buffers:
+            del module._buffers["dense_weight"]
+
+    def forward(self, module, x):
+        return torch.nn.functional.linear(x, module.dense_weight, module.bias)
+
+
 _BACKENDS: dict[str, Backend] = {}
 # Optional backends: name -> module that calls register_backend() on import.
 _OPTIONAL: dict[str, str] = {"triton": "sparseprune.triton", "cuda": "sparseprune.cuda"}
-# Preference order for backend="auto" (the serving issue refines this with measurements).
+# Sparse backends "auto" binds first, in order; sparseprune.autotune then measures them against
+# "dense" per batch bucket and may route some buckets to dense (see autotune.py).
 AUTO_ORDER: dict[str, list[str]] = {"cpu": ["cpu"], "cuda": ["cuda", "triton"]}
 
 
@@ -115,4 +141,5 @@ def choose_backend(weight: PackedWeight, device, requested: str = "auto") -> tup
 
 
 register_backend(CpuBackend())
+register_backend(DenseBackend())
 

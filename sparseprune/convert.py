@@ -33,6 +33,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _note_auto_plan(lr, plan) -> None:
+    from . import autotune
+
+    if plan and all(n == "dense" for n in plan.values()):
+        lr.backend = "dense"
+    lr.reason = "; ".join(r for r in (lr.reason, autotune.describe(plan)) if r)
+
+
 def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size=(32, 32), method="magnitude",
             include=None, exclude=None, backend: str = "auto", strict: bool = False, calibration=None,
             global_budget: bool = False, progress: bool = False) -> nn.Module:
@@ -71,5 +79,12 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
         lr.status = "converted" if lr.status == "pruned" else lr.status
         lr.backend = sparse.backend
         lr.bytes_ratio = packed.nbytes / packed.dense_nbytes
+    if backend == "auto":
+        # Measure now, eagerly and outside any torch.compile trace (see sparseprune/autotune.py).
+        from . import autotune
+
+        for name, plan in autotune.tune_model(model).items():
+            if name in {lr.name for lr in report.converted}:
+                _note_auto_plan(report[name], plan)
     model.sparseprune_report = report
     return model

@@ -9,6 +9,19 @@ from . import backends as _backends
 from .formats import FORMATS, PackedWeight
 
 
+# Upper edges of the batch-row buckets backend="auto" measures (rows = x.numel() / in_features);
+# the last bucket is open-ended. autotune.py measures at these edges.
+AUTO_BUCKET_EDGES = (1, 8, 64, 512)
+
+
+def autotune_bucket(rows) -> int:
+    """Index of the batch bucket holding ``rows``: 0 for 0-1, 1 for 2-8, ..., 4 for 513+."""
+    for i, edge in enumerate(AUTO_BUCKET_EDGES):
+        if rows <= edge:
+            return i
+    return len(AUTO_BUCKET_EDGES)
+
+
 class SparseLinear(nn.Module):
     """y = x @ W^T + b with W stored packed (Semi24, BlockSparse or Hybrid).
 
@@ -42,6 +55,10 @@ class SparseLinear(nn.Module):
         self.register_buffer("in_perm", in_perm)
         self.backend_request = backend
         self._bound: tuple[str, _backends.Backend] | None = None  # (device type, backend) in use
+        # backend="auto" after measurement (sparseprune.autotune): one backend per batch bucket,
+        # and their names for reports. None = not measured yet (every batch uses the bound backend).
+        self._plan: tuple[_backends.Backend, ...] | None = None
+        self.auto_plan: dict[str, str] | None = None
         self.backend = None if backend == "auto" else backend
         self._bind(weight.device)
 
@@ -75,6 +92,17 @@ class SparseLinear(nn.Module):
         backend.prepare(self)
         self.backend = name
         self._bound = (device.type, backend)
+        self._set_plan(None)  # measurements were for the previous device/backend
+
+    def _set_plan(self, plan) -> None:
+        """Installs per-bucket backends (or None); keeps a dense copy only if some bucket uses it."""
+        dense = _backends.get_backend("dense")
+        uses_dense = plan is not None and any(b is dense for b in plan)
+        if uses_dense and "dense_weight" not in self._buffers:
+            dense.prepare(self)
+        elif not uses_dense and self.backend != "dense":
+            dense.release(self)
+        self._plan = None if plan is None else tuple(plan)
 
     def set_backend(self, backend: str) -> "SparseLinear":
         self.backend_request = backend
@@ -88,9 +116,18 @@ class SparseLinear(nn.Module):
             raise RuntimeError(f"SparseLinear: input dtype {x.dtype} does not match weight dtype {self.values.dtype}")
         if self._bound is None or self._bound[0] != x.device.type:
             self._bind(x.device)  # moved to another device type since the last call
+        backend = self._bound[1]
+        if self.backend_request == "auto":
+            if self._plan is None and not torch.compiler.is_compiling():
+                from . import autotune
+
+                autotune.tune_module(self)  # once per device; cached per shape (see autotune.py)
+            if self._plan is not None:
+                # A Python branch on the row count: torch.compile guards on the bucket, not the size.
+                backend = self._plan[autotune_bucket(x.numel() // self.in_features)]
         if self.in_perm is not None:
             x = x.index_select(-1, self.in_perm)
-        return self._bound[1].forward(self, x)
+        return backend.forward(self, x)
 
     def extra_repr(self) -> str:
         w = self.packed_weight()

@@ -1,0 +1,248 @@
+"""Checkpoints of converted models: ``save(model, path)`` and ``load(path, model)``.
+
+One safetensors file holds the model's ``state_dict`` as it is after convert(): the packed tensors
+of each SparseLinear (``<layer>.values``, ``.meta``, ``.crow``, ``.col``, ``.bias``, ``.in_perm``)
+and the dense tensors of everything else. Its metadata key ``"sparseprune"`` holds a JSON config:
+
+    {"format": "sparseprune", "version": 1, "pattern": "2:4", "method": "magnitude",
+     "layers": {"model.layers.0.mlp.up_proj": {"kind": "semi24", "shape": [128, 64],
+                "dtype": "float32", "block_size": null, "backend": "auto", "bias": false,
+                "in_perm": false}, ...},
+     "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
+
+Loading never unpickles anything, and every packed tensor is validated (shapes, dtypes, index
+ranges, position codes) on CPU before it reaches a module or a kernel; a bad file raises
+``ValueError`` (``FormatError`` for packed tensors) naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from .formats import FORMATS
+from .modules import SparseLinear
+from .report import LayerReport, Report
+
+FORMAT_NAME = "sparseprune"
+FORMAT_VERSION = 1
+META_KEY = "sparseprune"
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def build_config(model: nn.Module) -> dict:
+    """The JSON config save() writes (pattern, method and per-layer settings)."""
+    report = getattr(model, "sparseprune_report", None)
+    layers = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseLinear):
+            w = mod.packed_weight()
+            layers[name] = {
+                "kind": mod.kind,
+                "shape": [mod.out_features, mod.in_features],
+                "dtype": _dtype_name(mod.dtype),
+                "block_size": list(w.block_size) if hasattr(w, "block_size") else None,
+                "backend": mod.backend_request,
+                "bias": mod.bias is not None,
+                "in_perm": mod.in_perm is not None,
+            }
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+            "pattern": getattr(report, "pattern", None), "method": getattr(report, "method", None),
+            "layers": layers}
+
+
+def save(model: nn.Module, path, *, metadata: dict[str, str] | None = None) -> dict:
+    """Writes ``model`` (converted or partly converted) to a safetensors file; returns the config.
+
+    Tensors shared between modules (tied embeddings) are written once; the others are listed as
+    aliases in the config. Tensors move to CPU and are made contiguous first.
+    """
+    from safetensors.torch import save_file
+
+    config = build_config(model)
+    tensors: dict[str, torch.Tensor] = {}
+    first_by_view: dict[tuple, str] = {}
+    storages: set[tuple] = set()
+    aliases = {}
+    for key, t in model.state_dict(keep_vars=False).items():
+        t = t.detach()
+        if t.numel():
+            storage = (t.device, t.untyped_storage().data_ptr())
+            view = (*storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if view in first_by_view:  # the same tensor under two names (tied weights)
+                aliases[key] = first_by_view[view]
+                continue
+            first_by_view[view] = key
+            if storage in storages:  # a different view of a storage already written: own copy
+                t = t.clone()
+            storages.add(storage)
+        tensors[key] = t.to("cpu").contiguous()
+    config["aliases"] = aliases
+    meta = dict(metadata or {})
+    meta[META_KEY] = json.dumps(config)
+    save_file(tensors, os.fspath(path), metadata=meta)
+    return config
+
+
+def _read(path):
+    """(metadata dict, {name: tensor}) from a safetensors file; ValueError if it is not one."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for malformed headers/truncation
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    return meta, tensors
+
+
+def read_config(path) -> dict:
+    meta, _ = _read(path)
+    return _parse_config(meta, path)
+
+
+def _parse_config(meta: dict, path) -> dict:
+    if META_KEY not in meta:
+        raise ValueError(f"{path}: no sparseprune config in the safetensors metadata (was it written by sparseprune.save?)")
+    try:
+        config = json.loads(meta[META_KEY])
+    except ValueError as e:
+        raise ValueError(f"{path}: sparseprune config is not valid JSON: {e}") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME or not isinstance(config.get("layers"), dict):
+        raise ValueError(f"{path}: sparseprune config is malformed (needs format={FORMAT_NAME!r} and a 'layers' map)")
+    if config.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: sparseprune checkpoint version {config.get('version')!r} is not supported "
+                         f"(this library reads version {FORMAT_VERSION})")
+    return config
+
+
+def _layer_settings(name: str, cfg) -> tuple[str, tuple[int, int], torch.dtype, tuple | None]:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{name}: layer config must be an object, got {type(cfg).__name__}")
+    kind = cfg.get("kind")
+    if kind not in FORMATS:
+        raise ValueError(f"{name}: unknown packed format {kind!r} (known: {sorted(FORMATS)})")
+    shape = cfg.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ValueError(f"{name}: layer shape must be two positive ints, got {shape!r}")
+    dtype = _FLOAT_DTYPES.get(cfg.get("dtype"))
+    if dtype is None:
+        raise ValueError(f"{name}: dtype {cfg.get('dtype')!r} is not one of {sorted(_FLOAT_DTYPES)}")
+    bs = cfg.get("block_size")
+    if kind != "semi24":
+        if not (isinstance(bs, list) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)):
+            raise ValueError(f"{name}: block_size must be two positive ints for {kind}, got {bs!r}")
+        bs = tuple(bs)
+    return kind, (shape[0], shape[1]), dtype, bs
+
+
+def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = True) -> nn.Module:
+    """Loads a checkpoint written by :func:`save` into a freshly built dense ``model`` (in place).
+
+    Each layer listed in the checkpoint's config must be an ``nn.Linear`` (or SparseLinear) of the
+    recorded shape; it is replaced by a SparseLinear built from the validated packed tensors, on
+    the device that layer was on. The remaining tensors are loaded with ``load_state_dict``.
+    ``backend`` overrides the recorded backend request. ``strict``: every model tensor must be in
+    the file and every file tensor must be used. Returns ``model``.
+    """
+    meta, tensors = _read(path)
+    config = _parse_config(meta, path)
+    used: set[str] = set()
+    report = Report(pattern=str(config.get("pattern")), method=str(config.get("method")))
+    new_modules: dict[str, SparseLinear] = {}
+    for name, cfg in config["layers"].items():
+        kind, shape, dtype, bs = _layer_settings(name, cfg)
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"{name}: the checkpoint has a sparse layer the model lacks") from e
+        if not isinstance(old, (nn.Linear, SparseLinear)):
+            raise ValueError(f"{name}: expected an nn.Linear in the model, found {type(old).__name__}")
+        old_shape = (old.out_features, old.in_features)
+        if old_shape != shape:
+            raise ValueError(f"{name}: checkpoint layer is {shape[0]}x{shape[1]} but the model's is "
+                             f"{old_shape[0]}x{old_shape[1]}")
+        fmt = FORMATS[kind]
+        parts = {}
+        for tn in fmt.tensor_names():
+            key = f"{name}.{tn}"
+            if key not in tensors:
+                raise ValueError(f"{key}: missing from {os.fspath(path)}")
+            parts[tn] = tensors[key]
+            used.add(key)
+        if parts["values"].dtype != dtype:
+            raise ValueError(f"{name}.values has dtype {parts['values'].dtype}, the config says {dtype}")
+        packed = fmt.from_tensors(parts, shape, name=name)  # validates everything (FormatError names the tensor)
+        if bs is not None and tuple(packed.block_size) != bs:
+            raise ValueError(f"{name}.values holds {packed.block_size} blocks, the config says {bs}")
+        bias = None
+        if cfg.get("bias"):
+            key = f"{name}.bias"
+            if key not in tensors:
+                raise ValueError(f"{key}: missing from {os.fspath(path)}")
+            bias = tensors[key]
+            used.add(key)
+            if bias.dtype != dtype or tuple(bias.shape) != (shape[0],):
+                raise ValueError(f"{key} must be {dtype} of shape ({shape[0]},), got {bias.dtype} {tuple(bias.shape)}")
+        in_perm = None
+        if cfg.get("in_perm"):
+            key = f"{name}.in_perm"
+            if key not in tensors:
+                raise ValueError(f"{key}: missing from {os.fspath(path)}")
+            in_perm = tensors[key]
+            used.add(key)
+            if in_perm.dtype not in (torch.int64, torch.int32) or tuple(in_perm.shape) != (shape[1],):
+                raise ValueError(f"{key} must be int64 of shape ({shape[1]},), got {in_perm.dtype} {tuple(in_perm.shape)}")
+            if not torch.equal(in_perm.to(torch.int64).sort().values, torch.arange(shape[1])):
+                raise ValueError(f"{key} is not a permutation of range({shape[1]})")
+        device = (old.weight if isinstance(old, nn.Linear) else old.values).device
+        request = backend or cfg.get("backend") or "auto"
+        if not isinstance(request, str):
+            raise ValueError(f"{name}: backend must be a string, got {request!r}")
+        packed = packed.to(device=device)
+        sparse = SparseLinear(packed, None if bias is None else bias.to(device), backend=request,
+                              in_perm=None if in_perm is None else in_perm.to(device))
+        new_modules[name] = sparse
+        report.layers.append(LayerReport(name, shape, "loaded", report.pattern, backend=sparse.backend,
+                                         bytes_ratio=packed.nbytes / packed.dense_nbytes))
+    for name, sparse in new_modules.items():
+        _set_submodule(model, name, sparse)
+
+    sparse_keys = {f"{n}.{k}" for n, m in new_modules.items() for k in m.state_dict()}
+    rest = {k: v for k, v in tensors.items() if k not in used}
+    aliases = config.get("aliases") or {}
+    if not isinstance(aliases, dict):
+        raise ValueError(f"{path}: 'aliases' must be a map")
+    try:
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+    except RuntimeError as e:  # shape mismatches of dense tensors
+        raise ValueError(f"{os.fspath(path)}: dense tensors do not fit the model: {e}") from e
+    missing = [k for k in missing if k not in sparse_keys and k not in aliases]
+    if strict and (missing or unexpected):
+        raise ValueError(f"{os.fspath(path)} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+
+    if any(m.backend_request == "auto" for m in new_modules.values()):
+        from . import autotune
+
+        for name, plan in autotune.tune_model(model).items():
+            if name in new_modules:
+                report[name].reason = autotune.describe(plan)
+    model.sparseprune_report = report
+    return model
