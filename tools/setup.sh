@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets up a machine to build, test and benchmark sparseprune, then builds the extension.
+#  * Reuses the torch that is installed. Only when none is installed does it install
+#    torch==2.13.0, which on our CPU machines is a CPU wheel on local disk (a plain
+#    `pip install torch` would pull a multi-GB CUDA build).
+#  * Installs the other requirements with the installed torch pinned, so nothing replaces it.
+#  * Builds against that torch (--no-build-isolation) into build/ (incremental).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: torch not found; installing torch==2.13.0"
+  "${PIP[@]}" "torch==2.13.0"
+fi
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==${TORCH_VERSION}" >"$constraints"
+
+# Skip the resolver round-trip when everything is already there (fast repeated `make test`).
+if ! "$PY" - <<'PYEOF' >/dev/null 2>&1
+import importlib.metadata as md, re, sys
+from packaging.requirements import Requirement
+for line in open("requirements-dev.txt"):
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    r = Requirement(line)
+    if r.marker and not r.marker.evaluate():
+        continue
+    v = md.version(r.name)
+    if r.specifier and v not in r.specifier:
+        sys.exit(1)
+PYEOF
+then
+  echo "setup: installing requirements (torch pinned to ${TORCH_VERSION})"
+  "${PIP[@]}" -c "$constraints" -r requirements-dev.txt
+fi
+
+echo "setup: building sparseprune against torch ${TORCH_VERSION}"
+"${PIP[@]}" --no-build-isolation --no-deps -e . 
+"$PY" -c "import sparseprune; print('setup: sparseprune built:', sparseprune.build_info())"
