@@ -1,0 +1,143 @@
+// Block-sparse (BSR) GEMM on dense tensor cores (mma.sync m16n8k16, sm_80+), torch-free.
+//
+// Y^T = W X^T over the stored blocks only. A CTA owns BM weight rows inside one block row (bh % BM == 0)
+// and BN tokens; it walks that block row's stored blocks in 32-wide K chunks (bw % 32 == 0), each chunk
+// one cp.async pipeline stage: the weight chunk [BM][32] and the matching x chunk [BN][32] (x columns
+// col*bw + 32j...), both XOR-swizzled for conflict-free ldmatrix. Empty block rows still write bias/zero.
+#pragma once
+#include <algorithm>
+
+#include "mma_utils.cuh"
+
+namespace sparseprune::cuda {
+
+struct BsrArgs {
+  const void* values;   // [nnzb][bh][bw] T
+  const int32_t* crow;  // [N/bh + 1]
+  const int32_t* col;   // [nnzb]
+  const void* x;        // [B][K] T, rows 16-byte aligned
+  int64_t ldx;
+  void* y;              // [B][N] T
+  int64_t ldy;
+  const void* bias;
+  int B, N, K, bh, bw;
+};
+
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+struct BsrConfig {
+  static constexpr int kThreads = 32 * WARPS_M * WARPS_N;
+  static constexpr int kMI = BM / WARPS_M / 16, kNI = BN / WARPS_N / 8;
+  static constexpr int kStageBytes = (BM + BN) * 64;  // 32 halves per row
+  static constexpr int kSmemBytes = STAGES * kStageBytes;
+  static_assert(kMI >= 1 && kNI >= 2 && kNI % 2 == 0, "each warp covers >= 16 rows and a multiple of 16 tokens");
+};
+
+// 64-byte rows: 4 chunks of 16 B; rows r and r+2 share banks, so XOR the chunk with (r >> 1) & 3.
+__device__ __forceinline__ int swz64(int r, int c) { return r * 64 + ((c ^ ((r >> 1) & 3)) * 16); }
+
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N) bsr_sm80_kernel(const BsrArgs p) {
+  using Cfg = BsrConfig<BM, BN, WARPS_M, WARPS_N, STAGES>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  const int row0 = blockIdx.x * BM;  // first weight row of this CTA
+  const int tok0 = blockIdx.y * BN;
+  const int br = row0 / p.bh, row_in_block = row0 - br * p.bh;
+  const int b_begin = p.crow[br], b_end = p.crow[br + 1];
+  const int chunks_per_block = p.bw / 32;
+  const int nk = (b_end - b_begin) * chunks_per_block;
+  const uint16_t* gv = static_cast<const uint16_t*>(p.values);
+  const uint16_t* gx = static_cast<const uint16_t*>(p.x);
+
+  auto load_stage = [&](int stage, int i) {
+    unsigned char* sA = smem + stage * Cfg::kStageBytes;
+    unsigned char* sX = sA + BM * 64;
+    const int blk = b_begin + i / chunks_per_block, sub = i % chunks_per_block;
+    const int64_t kbase = int64_t(p.col[blk]) * p.bw + sub * 32;
+    const uint16_t* a = gv + (int64_t(blk) * p.bh + row_in_block) * p.bw + sub * 32;
+    for (int j = tid; j < BM * 4; j += Cfg::kThreads) {
+      const int r = j >> 2, c = j & 3;
+      cp_async16(sA + swz64(r, c), a + int64_t(r) * p.bw + c * 8, true);
+    }
+    for (int j = tid; j < BN * 4; j += Cfg::kThreads) {
+      const int r = j >> 2, c = j & 3;
+      const bool ok = tok0 + r < p.B;
+      cp_async16(sX + swz64(r, c), ok ? gx + int64_t(tok0 + r) * p.ldx + kbase + c * 8 : gx, ok);
+    }
+  };
+
+  float acc[Cfg::kMI][Cfg::kNI][4];
+#pragma unroll
+  for (int a = 0; a < Cfg::kMI; ++a)
+#pragma unroll
+    for (int b = 0; b < Cfg::kNI; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nk) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < nk; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int nxt = it + STAGES - 1;
+    if (nxt < nk) load_stage(nxt % STAGES, nxt);
+    cp_async_commit();
+    const unsigned char* sA = smem + (it % STAGES) * Cfg::kStageBytes;
+    const unsigned char* sX = sA + BM * 64;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {  // two k16 halves of the 32-wide chunk
+      uint32_t b[Cfg::kNI / 2][4];    // one ldmatrix.x4 = 16 tokens x k16
+#pragma unroll
+      for (int nj = 0; nj < Cfg::kNI / 2; ++nj) {
+        // matrices: (tokens 0-7, k 0-7), (tokens 0-7, k 8-15), (tokens 8-15, k 0-7), (tokens 8-15, k 8-15)
+        const int r = warp_n * (BN / WARPS_N) + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int c = kk * 2 + ((lane >> 3) & 1);
+        ldmatrix_x4(b[nj], sX + swz64(r, c));
+      }
+#pragma unroll
+      for (int mi = 0; mi < Cfg::kMI; ++mi) {
+        // matrices: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
+        const int r = (warp_m * Cfg::kMI + mi) * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        const int c = kk * 2 + (lane >> 4);
+        uint32_t a[4];
+        ldmatrix_x4(a, sA + swz64(r, c));
+#pragma unroll
+        for (int nj = 0; nj < Cfg::kNI / 2; ++nj) {
+          mma_16816<T>(acc[mi][2 * nj], a, b[nj][0], b[nj][1]);
+          mma_16816<T>(acc[mi][2 * nj + 1], a, b[nj][2], b[nj][3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  store_acc<T, Cfg::kMI, Cfg::kNI>(acc, row0 + warp_m * Cfg::kMI * 16, tok0 + warp_n * (BN / WARPS_N), lane, p.N,
+                                   p.B, static_cast<T*>(p.y), p.ldy, static_cast<const T*>(p.bias), nullptr);
+}
+
+template <typename T, int BM, int BN, int WM, int WN, int ST>
+inline cudaError_t launch_bsr_cfg(const BsrArgs& a, cudaStream_t stream) {
+  using Cfg = BsrConfig<BM, BN, WM, WN, ST>;
+  auto kern = bsr_sm80_kernel<T, BM, BN, WM, WN, ST>;
+  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  dim3 grid(a.N / BM, (a.B + BN - 1) / BN);
+  kern<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// Needs bh % 16 == 0 and bw % 32 == 0 (checked by the caller). BM = largest of 64/32/16 dividing bh.
+template <typename T>
+inline cudaError_t launch_bsr_sm80(const BsrArgs& a, cudaStream_t stream) {
+  const bool small = a.B <= 16;
+  if (a.bh % 64 == 0)
+    return small ? launch_bsr_cfg<T, 64, 16, 4, 1, 4>(a, stream) : launch_bsr_cfg<T, 64, 128, 2, 4, 4>(a, stream);
+  if (a.bh % 32 == 0)
+    return small ? launch_bsr_cfg<T, 32, 16, 2, 1, 4>(a, stream) : launch_bsr_cfg<T, 32, 128, 2, 4, 4>(a, stream);
+  return small ? launch_bsr_cfg<T, 16, 16, 1, 1, 4>(a, stream) : launch_bsr_cfg<T, 16, 64, 1, 4, 4>(a, stream);
+}
+
+}  // namespace sparseprune::cuda

@@ -1,0 +1,120 @@
+// PTX wrappers shared by the CUDA kernels (torch-free). sm_80+: cp.async, ldmatrix, mma.sync, mma.sp.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace sparseprune::cuda {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy that bypasses L1 (.cg); pred=false writes 16 zero bytes instead of reading.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+
+// D = A(16x32, 2:4 compressed to 16x16) * B(32x8) + D, fp32 accumulate, sparsity selector 0.
+// ordered_metadata: ptxas recommends it on sm_80/90 and newer archs accept only this form; our
+// nibbles are always p0 < p1 (see semi24_sm80_layout.cuh).
+template <typename T>
+__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4],
+                                             uint32_t e) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+  } else {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+  }
+}
+
+// D = A(16x16) * B(16x8) + D, dense, fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
+  else return __float2bfloat16_rn(v);
+}
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+
+// Accumulator tile epilogue shared by the GEMMs computing Y^T = W X^T: acc[mi][ni] is the 16x8 tile at
+// weight rows row0 + 16 mi, tokens tok0 + 8 ni. Writes y[token][row] (+ bias) or fp32 partials.
+template <typename T, int MI, int NI>
+__device__ __forceinline__ void store_acc(const float (&acc)[MI][NI][4], int row0, int tok0, int lane, int N, int B,
+                                          T* y, int64_t ldy, const T* bias, float* partial) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 16 * mi + g + 8 * h;
+      if (row >= N) continue;
+      const float b = (bias && !partial) ? to_float(bias[row]) : 0.f;
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int tok = tok0 + 8 * ni + 2 * t + j;
+          if (tok >= B) continue;
+          const float v = acc[mi][ni][2 * h + j];
+          if (partial) partial[int64_t(tok) * N + row] = v;
+          else y[int64_t(tok) * ldy + row] = from_float<T>(v + b);
+        }
+    }
+}
+
+// y[b][n] = sum over splits of partial[s][b][n] (+ bias): the split-K reduction.
+template <typename T>
+__global__ void splitk_reduce_kernel(const float* __restrict__ partial, int splits, int64_t BN, int N,
+                                     const T* __restrict__ bias, T* __restrict__ y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < BN; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = bias ? to_float(bias[i % N]) : 0.f;
+    for (int s = 0; s < splits; ++s) v += partial[s * BN + i];
+    y[i] = from_float<T>(v);
+  }
+}
+
+}  // namespace sparseprune::cuda

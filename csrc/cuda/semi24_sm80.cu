@@ -1,0 +1,96 @@
+// CUDA implementations of sparseprune::cuda_semi24_linear and sparseprune::pack_semi24_sm80
+// (tensor checks + launch; the kernels are in semi24_sm80.cuh).
+#include <torch/library.h>
+
+#include "cuda/semi24_sm80.cuh"
+#include "cuda/torch_cuda_utils.h"
+
+namespace sparseprune::cuda {
+
+at::Tensor cuda_semi24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                              int64_t out_features, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "sparseprune::cuda_semi24_linear";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  check_cuda_half(x, x, op, "x");
+  check_cuda_half(values, x, op, "values");
+  check_sm80(x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t K = x.size(-1), N = out_features;
+  const int64_t MT = (N + 15) / 16, KS = (K + 31) / 32;
+  TORCH_CHECK(K % 4 == 0, op, ": in_features=", K, " must be a multiple of 4");
+  TORCH_CHECK(values.dim() == 4 && values.size(0) == MT && values.size(1) == KS && values.size(2) == 32 &&
+                  values.size(3) == 8 && values.is_contiguous(),
+              op, ": values must be contiguous [", MT, ", ", KS, ", 32, 8] (pack_semi24_sm80 of a ", N, "x", K,
+              " weight), got ", values.sizes());
+  TORCH_CHECK(meta.is_cuda() && meta.device() == x.device() && meta.scalar_type() == at::kInt && meta.dim() == 3 &&
+                  meta.size(0) == MT && meta.size(1) == KS && meta.size(2) == 16 && meta.is_contiguous(),
+              op, ": meta must be contiguous int32 [", MT, ", ", KS, ", 16] on ", x.device());
+  TORCH_CHECK(N < (int64_t(1) << 31) && KS < (int64_t(1) << 30), op, ": weight too large for 32-bit tile indices");
+  auto y = new_output(x, N);
+  auto x2 = x_for_cp_async(x, K);
+  const int64_t B = x2.size(0);
+  TORCH_CHECK(B < (int64_t(1) << 31), op, ": batch too large");
+  if (B == 0 || N == 0) return y;
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    check_cuda_half(*bias, x, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ", bias->sizes());
+    b = bias->contiguous();
+  }
+  Semi24Args a{};
+  a.values = values.data_ptr();
+  a.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
+  a.x = x2.data_ptr();
+  a.ldx = x2.size(1);
+  a.y = y.data_ptr();
+  a.ldy = N;
+  a.bias = b.defined() ? b.data_ptr() : nullptr;
+  a.B = int(B);
+  a.N = int(N);
+  a.K = int(K);
+  a.MT = int(MT);
+  a.KS = int(KS);
+  const int64_t ws_floats = semi24_workspace_floats(a.B, a.N);
+  at::Tensor ws;
+  if (ws_floats) ws = at::empty({ws_floats}, x.options().dtype(at::kFloat));  // caching allocator: graph-safe
+  const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const int sms = device_props(x.get_device()).multiProcessorCount;
+  float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
+  const cudaError_t err = x.scalar_type() == at::kHalf
+                              ? launch_semi24_sm80<__half>(a, sms, stream, wsp, ws_floats)
+                              : launch_semi24_sm80<__nv_bfloat16>(a, sms, stream, wsp, ws_floats);
+  TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> pack_semi24_sm80_cuda(const at::Tensor& dense) {
+  constexpr const char* op = "sparseprune::pack_semi24_sm80";
+  check_cuda_half(dense, dense, op, "dense_masked");
+  TORCH_CHECK(dense.dim() == 2, op, ": expected a 2-D [N, K] weight, got ", dense.sizes());
+  const c10::cuda::CUDAGuard guard(dense.device());
+  const int64_t N = dense.size(0), K = dense.size(1);
+  TORCH_CHECK(K % 4 == 0, op, ": K=", K, " must be a multiple of 4 for 2:4 packing");
+  const int64_t MT = (N + 15) / 16, KS = (K + 31) / 32;
+  auto w = dense.contiguous();
+  auto values = at::empty({MT, KS, 32, 8}, dense.options());
+  auto meta = at::zeros({MT, KS, 16}, dense.options().dtype(at::kInt));
+  auto bad = at::zeros({1}, dense.options().dtype(at::kInt));
+  const int64_t threads = MT * KS * 32;
+  if (threads > 0) {
+    const auto stream = c10::cuda::getCurrentCUDAStream(dense.get_device()).stream();
+    pack_semi24_sm80_kernel<<<(threads + 255) / 256, 256, 0, stream>>>(
+        reinterpret_cast<const uint16_t*>(w.data_ptr()), N, K, MT, KS, reinterpret_cast<uint16_t*>(values.data_ptr()),
+        reinterpret_cast<uint32_t*>(meta.data_ptr<int32_t>()), bad.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // packing is offline (module prepare), so a sync to report a bad weight is fine
+    TORCH_CHECK(bad.item<int>() == 0, op, ": weight is not 2:4: some group of 4 inputs keeps more than 2 nonzeros");
+  }
+  return {values, meta};
+}
+
+}  // namespace sparseprune::cuda
+
+TORCH_LIBRARY_IMPL(sparseprune, CUDA, m) {
+  m.impl("cuda_semi24_linear", &sparseprune::cuda::cuda_semi24_linear);
+  m.impl("pack_semi24_sm80", &sparseprune::cuda::pack_semi24_sm80_cuda);
+}

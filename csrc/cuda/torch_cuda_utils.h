@@ -1,0 +1,61 @@
+// Tensor checks shared by the torch-facing CUDA files (no ATen/cuda/CUDAContext.h: it pulls cusparse.h).
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <limits>
+
+namespace sparseprune::cuda {
+
+// The kernels use cp.async, ldmatrix and mma.sp: compute capability 8.0 or newer.
+inline const cudaDeviceProp& device_props(int device) {
+  static cudaDeviceProp props[64];
+  static bool filled[64] = {};
+  TORCH_CHECK(device >= 0 && device < 64, "sparseprune: CUDA device index ", device, " out of range");
+  if (!filled[device]) {
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&props[device], device));
+    filled[device] = true;
+  }
+  return props[device];
+}
+
+inline void check_sm80(const at::Tensor& x, const char* op) {
+  const auto& p = device_props(x.get_device());
+  TORCH_CHECK(p.major >= 8, op, ": needs a GPU with compute capability >= 8.0 (sparse tensor cores, cp.async); ",
+              p.name, " is sm_", p.major, p.minor);
+}
+
+inline void check_cuda_half(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float16 or bfloat16 (tensor-core kernels), got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+              " does not match x dtype ", x.scalar_type());
+}
+
+inline at::Tensor new_output(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto y = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  // Test aid: SPARSEPRUNE_POISON=1 fills outputs with NaN so unwritten elements fail comparisons.
+  if (const char* poison = std::getenv("SPARSEPRUNE_POISON"); poison && poison[0] == '1')
+    y.fill_(std::numeric_limits<float>::quiet_NaN());
+  return y;
+}
+
+// x as [B, K8] with K8 = K rounded up to 8 and 16-byte aligned rows (cp.async moves 16 bytes).
+inline at::Tensor x_for_cp_async(const at::Tensor& x, int64_t K) {
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const bool aligned = K % 8 == 0 && reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 == 0;
+  if (aligned) return x2;
+  const int64_t K8 = (K + 7) / 8 * 8;
+  auto xp = at::zeros({x2.size(0), K8}, x2.options());
+  xp.narrow(1, 0, K).copy_(x2);
+  return xp;
+}
+
+}  // namespace sparseprune::cuda
