@@ -1,0 +1,423 @@
+"""Calibration: run the model on sample inputs, gather per-layer input statistics, prune.
+
+``prune_with_calibration`` is what ``prune()``/``convert()`` call for methods with
+``needs_calibration`` (and for any method with ``permute=True``). Two ways to run:
+
+* **Block by block** (transformer stacks: the ``nn.ModuleList`` holding most of the selected
+  layers, e.g. ``model.layers`` or ``bert.encoder.layer``). A pre-hook on block 0 records its
+  inputs (hidden states plus the extra args/kwargs the model passes: attention mask, position
+  embeddings / ids, ...) and raises a sentinel so the rest of the model is skipped. Then for each
+  block: run it on every item with hooks on its selected layers, prune those layers, run it again
+  to produce the next block's inputs. Block i is therefore calibrated on the outputs of the
+  already-pruned blocks 0..i-1, and memory holds one set of hidden states plus one block's
+  statistics. Selected layers outside the stack (e.g. a classifier head) are calibrated after
+  it with one more full pass.
+* **Fallback** (plain modules): hooks on all selected layers, one full forward per item.
+
+``calibration`` is an iterable of model inputs (per item: a tensor, a tuple of positional args
+or a dict of keyword args; tensors are moved to the model's device) or a callable
+``forward_loop(model)`` that runs the model itself. With a callable the whole model runs while
+block 0's inputs are captured (the sentinel would abort the caller's loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .methods import PruningMethod, register_method
+from .permute import check_permutable, forget_permutation, prune_layer_permuted, remember_permutation
+from .sparsegpt import SparseGPT
+from .wanda import Wanda
+
+
+class LayerStats:
+    """Running statistics of one layer's inputs X [tokens, in], accumulated in fp32.
+
+    ``sq_mean``: mean over tokens of x_j^2 (so ||X_j||_2 = sqrt(n * sq_mean)). ``H``: SparseGPT's
+    2 X^T X / n (kept as a running mean so it never overflows), only when ``hessian=True``.
+    """
+
+    def __init__(self, in_features: int, device, hessian: bool):
+        self.in_features = in_features
+        self.n = 0
+        self.sq_mean = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.in_features)
+        t = x.shape[0]
+        if t == 0:
+            return
+        x = x.to(device=self.sq_mean.device, dtype=torch.float32)
+        total = self.n + t
+        self.sq_mean.mul_(self.n / total).add_(x.pow(2).sum(0), alpha=1.0 / total)
+        if self.H is not None:
+            xs = x * (2.0 / total) ** 0.5
+            self.H.mul_(self.n / total).addmm_(xs.t(), xs)
+        self.n = total
+
+    def col_norm(self) -> torch.Tensor:
+        """||X_j||_2 over all calibration tokens, per input j."""
+        return (self.sq_mean * self.n).sqrt()
+
+    def permuted(self, perm: torch.Tensor) -> "LayerStats":
+        """The statistics of the inputs taken in ``perm`` order."""
+        out = LayerStats.__new__(LayerStats)
+        out.in_features, out.n = self.in_features, self.n
+        perm = perm.to(self.sq_mean.device)
+        out.sq_mean = self.sq_mean[perm]
+        out.H = None if self.H is None else self.H[perm][:, perm]
+        return out
+
+
+class _Caught(Exception):
+    """Raised by the block-0 pre-hook to stop the model once the block's inputs are recorded."""
+
+
+# --- running the calibration data ----------------------------------------------------------------
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def _call(model: nn.Module, item, device):
+    item = _to(item, device)
+    if isinstance(item, torch.Tensor):
+        return model(item)
+    if isinstance(item, Mapping):
+        return model(**item)
+    if isinstance(item, (tuple, list)):
+        return model(*item)
+    raise TypeError(f"calibration items must be tensors, tuples of positional args or dicts of keyword args, "
+                    f"got {type(item).__name__}")
+
+
+def _items(calibration):
+    """The calibration items as a list (so they can be replayed), or None for a forward_loop."""
+    if calibration is None:
+        raise ValueError("this pruning method needs calibration=...: an iterable of model inputs (tensor, tuple "
+                         "or dict per item) or a callable forward_loop(model)")
+    if callable(calibration) and not isinstance(calibration, (torch.Tensor, nn.Module)):
+        return None
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        calibration = [calibration]  # one batch
+    items = list(calibration)
+    if not items:
+        raise ValueError("calibration is empty")
+    return items
+
+
+def run_calibration(model: nn.Module, calibration, *, stop: type[BaseException] | None = None) -> None:
+    """Feed every calibration item through ``model`` (or call the forward_loop), under no_grad.
+
+    ``stop``: an exception type raised by a hook to end an item early; it is swallowed per item.
+    """
+    items = _items(calibration)
+    device = _model_device(model)
+    with torch.no_grad():
+        if items is None:
+            calibration(model)
+            return
+        for item in items:
+            try:
+                _call(model, item, device)
+            except Exception as e:  # noqa: BLE001 - only the sentinel is swallowed
+                if stop is None or not isinstance(e, stop):
+                    raise
+
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module):
+    """eval() (no dropout) and no KV cache while calibrating; restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    cfg = getattr(model, "config", None)
+    had_cache = hasattr(cfg, "use_cache")
+    old_cache = getattr(cfg, "use_cache", None)
+    model.eval()
+    if had_cache:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+        if had_cache:
+            cfg.use_cache = old_cache
+
+
+def _stat_hooks(model: nn.Module, plans, hessian: bool) -> tuple[dict, list]:
+    stats, handles = {}, []
+    for p in plans:
+        mod = p.module
+        st = LayerStats(mod.in_features, mod.weight.device, hessian)
+        stats[p.name] = st
+
+        def hook(m, args, kwargs, st=st):
+            x = args[0] if args else kwargs.get("input")
+            st.add(x)
+
+        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    return stats, handles
+
+
+# --- finding the transformer stack ---------------------------------------------------------------
+
+def find_block_stack(model: nn.Module, names) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` of same-typed blocks holding the most selected layers, if any."""
+    best, best_count = None, 0
+    names = list(names)
+    for mname, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or len({type(b) for b in mod}) != 1:
+            continue
+        pre = f"{mname}." if mname else ""
+        count = sum(1 for n in names if n.startswith(pre) and n[len(pre):].split(".")[0].isdigit())
+        if count > best_count:
+            best, best_count = (mname, mod), count
+    return best
+
+
+def _hidden_of(args, kwargs):
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], True
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"], False
+    return None, False
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, Mapping):
+        for v in out.values():
+            if isinstance(v, torch.Tensor):
+                return v
+    raise TypeError(f"cannot find the hidden states in a block output of type {type(out).__name__}")
+
+
+_CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+def _capture_block_inputs(model, block, calibration):
+    """[(args, kwargs)] of block 0 for every calibration item (hidden states at args[0] or kwargs)."""
+    records = []
+    items = _items(calibration)
+
+    def pre_hook(m, args, kwargs):
+        kwargs = dict(kwargs)
+        for k in _CACHE_KWARGS:
+            if k in kwargs:
+                kwargs[k] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        records.append((args, kwargs))
+        if items is not None:
+            raise _Caught
+
+    h = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        run_calibration(model, calibration, stop=_Caught)
+    finally:
+        h.remove()
+    return records
+
+
+def _run_block(block, record, hidden):
+    args, kwargs = record
+    dev = next(iter(block.parameters()), hidden).device
+    hidden = hidden.to(dev)
+    if args and isinstance(args[0], torch.Tensor):
+        out = block(hidden, *args[1:], **kwargs)
+    else:
+        kwargs = dict(kwargs, hidden_states=hidden)
+        out = block(*args, **kwargs)
+    return _first_tensor(out)
+
+
+# --- pruning --------------------------------------------------------------------------------------
+
+class _Pruner:
+    def __init__(self, method: PruningMethod, permute: bool, block_keep: dict, bar):
+        self.method, self.permute, self.block_keep, self.bar = method, permute, block_keep, bar
+        self.masks: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, plan, stats) -> None:
+        w = plan.module.weight
+        bk = self.block_keep.get(plan.name)
+        if self.permute:
+            mask, new_w, perm = prune_layer_permuted(self.method, w.data, plan.pattern, plan.sparsity,
+                                                     stats=stats, block_keep=bk)
+        else:
+            mask, new_w = self.method.prune_layer(w.data, plan.pattern, plan.sparsity, stats=stats, block_keep=bk)
+            perm = None
+        new_w = new_w.to(w.dtype) * mask.to(w.device)  # the mask holds exactly, also after rounding
+        w.data.copy_(new_w)
+        remember_permutation(plan.module, perm)
+        self.masks[plan.name] = mask
+        self.bar.update(1)
+
+
+def _progress(total: int, enabled: bool):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc="sparseprune: pruning layers", unit="layer")
+        except ImportError:
+            pass
+
+    class _Null:
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+
+    return _Null()
+
+
+def _collect_and_prune(model, plans, method, calibration, pruner):
+    """Fallback: hooks on ``plans``' layers, one full pass over the calibration data, prune."""
+    if not plans:
+        return
+    stats, handles = _stat_hooks(model, plans, getattr(method, "needs_hessian", False))
+    try:
+        run_calibration(model, calibration)
+    finally:
+        for h in handles:
+            h.remove()
+    for p in plans:
+        if stats[p.name].n == 0:
+            raise RuntimeError(f"layer {p.name} received no input during calibration (is it used by forward()?)")
+        pruner(p, stats[p.name])
+        del stats[p.name]
+
+
+def _block_by_block(model, plans, method, calibration, pruner, stack) -> list:
+    """Prune the layers inside ``stack`` block by block; returns the plans left outside it."""
+    sname, blocks = stack
+    pre = f"{sname}." if sname else ""
+    by_block: dict[int, list] = {}
+    outside = []
+    for p in plans:
+        rest = p.name[len(pre):] if p.name.startswith(pre) else ""
+        head = rest.split(".")[0]
+        if rest and head.isdigit() and int(head) < len(blocks):
+            by_block.setdefault(int(head), []).append(p)
+        else:
+            outside.append(p)
+    records = _capture_block_inputs(model, blocks[0], calibration)
+    if not records:
+        raise RuntimeError(f"calibration never reached {pre}0 (the first block of the stack)")
+    hidden = []
+    for r in records:
+        h, _ = _hidden_of(*r)
+        if h is None:
+            raise RuntimeError(f"cannot find the hidden states among the inputs of {pre}0")
+        hidden.append(h)
+    hessian = getattr(method, "needs_hessian", False)
+    last = max(by_block) if by_block else -1
+    with torch.no_grad():
+        for i in range(last + 1):
+            block = blocks[i]
+            todo = by_block.get(i, [])
+            if todo:
+                stats, handles = _stat_hooks(model, todo, hessian)
+                try:
+                    for rec, h in zip(records, hidden):
+                        _run_block(block, rec, h)
+                finally:
+                    for hd in handles:
+                        hd.remove()
+                for p in todo:
+                    if stats[p.name].n == 0:
+                        raise RuntimeError(f"layer {p.name} received no input while running its block")
+                    pruner(p, stats[p.name])
+                    del stats[p.name]
+            if i < last:
+                # Outputs of the (now pruned) block become the next block's inputs, in place.
+                for j, (rec, h) in enumerate(zip(records, hidden)):
+                    out = _run_block(block, rec, h)
+                    if out.shape != h.shape:
+                        raise RuntimeError(f"block {pre}{i} maps hidden states {tuple(h.shape)} to {tuple(out.shape)}; "
+                                           f"block-by-block calibration needs blocks that keep the shape")
+                    hidden[j] = out
+    return outside
+
+
+def _global_keep(model, plans, method, calibration):
+    """Global budget for a calibrated method: rank blocks (weights) of all layers together, by the
+    method's score from input norms gathered on the dense model (one pre-pass)."""
+    from .api import _global_block_keep
+
+    sparsity = plans[0].sparsity
+    if sparsity is None or any(p.sparsity != sparsity for p in plans):
+        raise ValueError("global_budget=True needs one float sparsity for the whole model")
+    stats, handles = _stat_hooks(model, plans, hessian=False)
+    try:
+        run_calibration(model, calibration)
+    finally:
+        for h in handles:
+            h.remove()
+    return _global_block_keep(plans, method, stats)
+
+
+def prune_with_calibration(model: nn.Module, plans, method: PruningMethod, calibration, *, global_budget=False,
+                           progress=False, permute=False) -> dict[str, torch.Tensor]:
+    """Prune ``plans``' layers in place (``nn.Linear.weight.data``); returns {layer name: bool mask}.
+
+    Methods without ``needs_calibration`` (magnitude) run without data; this path is used for
+    them when ``permute=True``. With ``permute=True`` each layer's input order is searched first
+    (see :mod:`sparseprune.prune.permute`) and remembered on the module for ``convert()``.
+    """
+    if permute:
+        for p in plans:
+            check_permutable(p.pattern)
+    bar = _progress(len(plans), progress)
+    try:
+        if not method.needs_calibration:
+            pruner = _Pruner(method, permute, {}, bar)
+            for p in plans:
+                forget_permutation(p.module)
+                pruner(p, None)
+            return pruner.masks
+        with _calibration_mode(model):
+            block_keep = {}
+            if global_budget and plans and plans[0].pattern.kind != "nm":
+                block_keep = _global_keep(model, plans, method, calibration)
+            pruner = _Pruner(method, permute, block_keep, bar)
+            stack = find_block_stack(model, [p.name for p in plans])
+            rest = plans
+            if stack is not None:
+                rest = _block_by_block(model, plans, method, calibration, pruner, stack)
+            _collect_and_prune(model, rest, method, calibration, pruner)
+            return pruner.masks
+    finally:
+        bar.close()
+
+
+register_method(Wanda())
+register_method(SparseGPT())
+
+__all__ = ["LayerStats", "prune_with_calibration", "run_calibration", "find_block_stack", "Wanda", "SparseGPT"]
