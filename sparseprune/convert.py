@@ -43,7 +43,7 @@ def _note_auto_plan(lr, plan) -> None:
 
 def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size=(32, 32), method="magnitude",
             include=None, exclude=None, backend: str = "auto", strict: bool = False, calibration=None,
-            global_budget: bool = False, progress: bool = False) -> nn.Module:
+            global_budget: bool = False, progress: bool = False, permute=False) -> nn.Module:
     """Replace each eligible ``nn.Linear`` of ``model`` (in place) with a :class:`SparseLinear`.
 
     pattern: "2:4" (or sparser N:4), "block" or "hybrid". Weights that already have the pattern
@@ -52,6 +52,10 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
     block/hybrid (a float, or {module-name glob: float}). ``include``/``exclude``: module-name
     globs. ``backend``: "auto" or a backend name ("cpu", "triton", "cuda"). Layers that cannot
     be served are left dense and listed in the report, or raise ``ValueError`` with strict=True.
+    ``permute``: True (2:4 and hybrid) to search an input-channel order per layer that keeps more
+    score; it is folded into the producing layer where the graph is known (gated MLPs, BERT
+    FFNs, Linear->activation->Linear in nn.Sequential) or given as {consumer: [producers]},
+    else applied as a gather of x inside the SparseLinear.
 
     Returns ``model``; the report is ``model.sparseprune_report`` (print it for a table).
     """
@@ -69,11 +73,18 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
     report, results = prune_model(model, pat, sparsity=sparsity, block_size=block_size, method=method,
                                   include=include, exclude=exclude, calibration=calibration,
                                   global_budget=global_budget, strict=strict, extra_check=backend_check,
-                                  progress=progress)
+                                  progress=progress, permute=bool(permute))
+    from .prune.permute import fold_permutations
+
+    perms = fold_permutations(model, results, permute if isinstance(permute, dict) else None)
     for name, (plan, mask) in results.items():
         lin = plan.module
-        packed = pack(lin.weight, pat, mask)
-        sparse = SparseLinear(packed, lin.bias, backend=backend)
+        in_perm, note = perms.get(name, (None, ""))
+        w = lin.weight if in_perm is None else lin.weight[:, in_perm]
+        packed = pack(w, pat, mask if in_perm is None else mask[:, in_perm])
+        sparse = SparseLinear(packed, lin.bias, backend=backend, in_perm=in_perm)
+        if note:
+            report[name].reason = note
         _set_submodule(model, name, sparse)
         lr = report[name]
         lr.status = "converted" if lr.status == "pruned" else lr.status

@@ -9,6 +9,7 @@ from ..report import LayerReport, Report
 from .masks import block_scores, keep_top
 from .methods import get_method
 from .patterns import parse_pattern, satisfies
+from .permute import forget_permutation, weight_in_packing_order
 from .select import select_layers
 
 
@@ -34,7 +35,7 @@ def _global_block_keep(plans, method, stats_by_name):
 
 def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(32, 32), method="magnitude",
                 include=None, exclude=None, calibration=None, global_budget=False, strict=False,
-                extra_check=None, progress=False):
+                extra_check=None, progress=False, permute=False):
     """Core of prune() and convert(). Returns (report, {name: (plan, mask)})."""
     pat = parse_pattern(pattern, sparsity=sparsity if not isinstance(sparsity, dict) else None, block_size=block_size)
     meth = get_method(method)
@@ -47,18 +48,22 @@ def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(3
     for name, shape, reason in skipped:
         report.layers.append(LayerReport(name, shape, "skipped", pat.name, reason=reason))
 
-    as_is = {p.name for p in plans if satisfies(p.module.weight, p.pattern, p.sparsity)}
+    # A weight pruned earlier with permute=True has the pattern in its remembered input order.
+    as_is = {p.name for p in plans if satisfies(weight_in_packing_order(p.module), p.pattern, p.sparsity)}
     todo = [p for p in plans if p.name not in as_is]
+    for p in todo:
+        forget_permutation(p.module)
     for p in todo:
         if p.pattern.kind != "nm" and p.sparsity is None and not global_budget:
             raise ValueError(f"layer {p.name}: pattern '{p.pattern.name}' needs sparsity= (its weight is not "
                              f"already {p.pattern.name}-sparse)")
 
     results: dict[str, tuple] = {}
-    if todo and meth.needs_calibration:
+    if todo and (meth.needs_calibration or permute):
         from .calibrate import prune_with_calibration
 
-        masks = prune_with_calibration(model, todo, meth, calibration, global_budget=global_budget, progress=progress)
+        masks = prune_with_calibration(model, todo, meth, calibration, global_budget=global_budget, progress=progress,
+                                       permute=permute)
     else:
         masks = {}
         block_keep = {}
@@ -87,14 +92,18 @@ def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(3
 
 
 def prune(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(32, 32), method="magnitude", include=None,
-          exclude=None, calibration=None, global_budget=False, strict=False, progress=False) -> Report:
+          exclude=None, calibration=None, global_budget=False, strict=False, progress=False,
+          permute=False) -> Report:
     """Prune the model's nn.Linear weights in place (they stay dense) and return a report.
 
     ``pattern``: "N:M" (e.g. "2:4", "4:8"), "block", "hybrid" or "unstructured". ``sparsity``: a
     float, or {module-name glob: float}; for block and hybrid it is the fraction of blocks pruned.
     ``global_budget=True`` ranks blocks (or weights) of all layers together under one sparsity.
+    ``permute=True`` (N:4 and hybrid) searches an input-channel order per layer that keeps more
+    score; the pruned weights stay in the model's order (same function as a masked model) and
+    ``convert()`` later packs them in the remembered order.
     """
     report, _ = prune_model(model, pattern, sparsity=sparsity, block_size=block_size, method=method,
                             include=include, exclude=exclude, calibration=calibration,
-                            global_budget=global_budget, strict=strict, progress=progress)
+                            global_budget=global_budget, strict=strict, progress=progress, permute=permute)
     return report
