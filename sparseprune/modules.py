@@ -114,6 +114,8 @@ class SparseLinear(nn.Module):
             raise RuntimeError(f"SparseLinear: input is on {x.device} but the weight is on {self.values.device}")
         if x.dtype != self.values.dtype:
             raise RuntimeError(f"SparseLinear: input dtype {x.dtype} does not match weight dtype {self.values.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise RuntimeError(f"SparseLinear: input has shape {tuple(x.shape)}, expected [..., {self.in_features}]")
         if self._bound is None or self._bound[0] != x.device.type:
             self._bind(x.device)  # moved to another device type since the last call
         backend = self._bound[1]
