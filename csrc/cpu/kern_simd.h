@@ -5,9 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
-#endif
 
 #include "cpu/kernels.h"
 
@@ -37,10 +35,14 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));
 
 SP_INLINE vf vld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 SP_INLINE void vst(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-SP_INLINE vf vset1(float s) {
-  vf r;
-  for (int i = 0; i < VW; ++i) r[i] = s;  // GCC turns this into one broadcast
-  return r;
+SP_INLINE vf vset1(float s) {  // intrinsics: GCC turns a per-lane fill into 16 masked broadcasts
+#if defined(__AVX512F__)
+  return (vf)_mm512_set1_ps(s);
+#elif defined(__AVX2__)
+  return (vf)_mm256_set1_ps(s);
+#else
+  return (vf)_mm_set1_ps(s);  // SSE is part of the x86-64 baseline
+#endif
 }
 SP_INLINE float hsum(vf v) {
   float s = 0.f;

@@ -99,36 +99,37 @@ SP_INLINE void dense_seg(const typename St<DT>::T* w, int64_t len, const float* 
 template <int R, int NV>
 SP_INLINE void bsr_tile(const float* w, int64_t ldw, int64_t bw, const float* xs, float* part) {
   vf acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vld(part + r * BT + v * VW);
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) acc[r][v] = vld(part + r * BT + v * VW);
   for (int64_t c = 0; c < bw; ++c) {
     vf xv[NV];
-    for (int v = 0; v < NV; ++v) xv[v] = vld(xs + c * BT + v * VW);
-    for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) xv[v] = vld(xs + c * BT + v * VW);
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
       const vf wb = vset1(w[r * ldw + c]);
-      for (int v = 0; v < NV; ++v) acc[r][v] += wb * xv[v];
+      _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) acc[r][v] += wb * xv[v];
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) vst(part + r * BT + v * VW, acc[r][v]);
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) vst(part + r * BT + v * VW, acc[r][v]);
 }
 
 // part[r] += 2:4 row r (kept values w[r], codes m[r], ng groups from the segment start) times xT.
 // Rows do not share x rows (different codes), so R rows only add independent FMA chains.
+// The row and vector loops must be fully unrolled, or GCC keeps acc[][] on the stack.
 template <int R, int NV>
 SP_INLINE void semi_tile(const float* const* w, const uint8_t* const* m, int64_t ng, const float* xs, float* part) {
   vf acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vld(part + r * BT + v * VW);
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) acc[r][v] = vld(part + r * BT + v * VW);
 #define SP_SEMI_STEP(r, wval, k)                                              \
   do {                                                                        \
     const vf wb_ = vset1(wval);                                               \
     const float* xr_ = xs + (k) * BT;                                         \
-    for (int v = 0; v < NV; ++v) acc[r][v] += wb_ * vld(xr_ + v * VW);        \
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) acc[r][v] += wb_ * vld(xr_ + v * VW);        \
   } while (0)
   int64_t g = 0;
   for (; g + 2 <= ng; g += 2) {
-    for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
       const unsigned byte = m[r][g >> 1];
       const float* wr = w[r] + 2 * g;
       const int64_t k0 = 4 * g;
@@ -139,7 +140,7 @@ SP_INLINE void semi_tile(const float* const* w, const uint8_t* const* m, int64_t
     }
   }
   if (g < ng) {  // odd group count: the last group is the low nibble
-    for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
       const unsigned byte = m[r][g >> 1];
       const float* wr = w[r] + 2 * g;
       SP_SEMI_STEP(r, wr[0], 4 * g + (byte & 3u));
@@ -147,8 +148,8 @@ SP_INLINE void semi_tile(const float* const* w, const uint8_t* const* m, int64_t
     }
   }
 #undef SP_SEMI_STEP
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) vst(part + r * BT + v * VW, acc[r][v]);
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) vst(part + r * BT + v * VW, acc[r][v]);
 }
 
 }  // namespace sparseprune::cpu::SP_ISA

@@ -24,8 +24,10 @@ constexpr int64_t kGemvMaxB = 4;
 constexpr int NBG = 4;  // x rows per GEMV pass: weights re-read (from L1/L2) once per 4 rows
 
 // Semi24 tiled: rows in chunks of kRowChunk and K in tiles of kKTile. The xT sub-tile
-// (kKTile x BT fp32 = 16 KB on AVX-512) plus the chunk's partial sums (8 KB) fit a 32 KB L1d.
-constexpr int64_t kRowChunk = 32;
+// (kKTile x BT fp32 = 16 KB on AVX-512) stays in the 32 KB L1d for all rows of the chunk; the
+// chunk's partial sums (64 KB) live in L2. Big chunks mean xT (1 MB at K=4096) is streamed from
+// L3 only N/kRowChunk times per batch tile.
+constexpr int64_t kRowChunk = 256;
 constexpr int64_t kKTile = 64;
 
 template <DType DT> using T_ = typename St<DT>::T;
@@ -158,21 +160,32 @@ void semi24_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* m
         std::memset(part.p, 0, sizeof(float) * kRowChunk * BT);
         for (int64_t g0 = 0; g0 < G; g0 += kKTile / 4) {
           const int64_t ng = std::min(kKTile / 4, G - g0);
-          for (int64_t r = 0; r < nr; ++r) {
-            const T_<DT>* src = values + (c0 + r) * (K / 2) + 2 * g0;
-            if constexpr (DT == DType::F32) {
-              wp[r] = src;
-            } else {
-              float* d = wconv.p + r * (kKTile / 2);
-              to_f32<DT>(src, 2 * ng, d);
-              wp[r] = d;
-            }
-            mp[r] = meta + (c0 + r) * ms + g0 / 2;  // g0 is a multiple of 16: byte aligned
-          }
           const float* xs = xT.p + 4 * g0 * BT;
-#define SP_CALL(NV) semi_rows<NV>(wp, mp, nr, ng, xs, part.p)
-          SP_NV_SWITCH(nv, SP_CALL)
+          for (int64_t r0 = 0; r0 < nr; r0 += RB) {
+            const int64_t rg = std::min<int64_t>(RB, nr - r0);
+            for (int64_t r = r0; r < r0 + rg; ++r) {
+              const T_<DT>* src = values + (c0 + r) * (K / 2) + 2 * g0;
+              // Rows are 8 KB apart and only a short piece of each is read per K tile: too many
+              // streams for the hardware prefetcher (profiled: the weight loads stalled), so
+              // prefetch this row's next K tile now, spread over the loop so none are dropped.
+              if (g0 + kKTile / 4 < G) {
+                const char* nx = reinterpret_cast<const char*>(src + kKTile / 2);
+                for (int64_t o = 0; o < int64_t(sizeof(T_<DT>)) * kKTile / 2; o += 64) __builtin_prefetch(nx + o, 0, 2);
+                __builtin_prefetch(meta + (c0 + r) * ms + (g0 + kKTile / 4) / 2, 0, 2);
+              }
+              if constexpr (DT == DType::F32) {
+                wp[r] = src;
+              } else {
+                float* d = wconv.p + r * (kKTile / 2);
+                to_f32<DT>(src, 2 * ng, d);
+                wp[r] = d;
+              }
+              mp[r] = meta + (c0 + r) * ms + g0 / 2;  // g0 is a multiple of 16: byte aligned
+            }
+#define SP_CALL(NV) semi_rows<NV>(wp + r0, mp + r0, rg, ng, xs, part.p + r0 * BT)
+            SP_NV_SWITCH(nv, SP_CALL)
 #undef SP_CALL
+          }
         }
         finalize<DT>(p, part.p, c0, nr, b0, nb);
       }
