@@ -1,0 +1,119 @@
+"""CUDA backend: hand-written tensor-core kernels (csrc/cuda), registered as backend ``"cuda"``.
+
+* Semi24: ``mma.sp`` m16n8k32 on sparse tensor cores, weight re-packed into fragment order by
+  ``pack_semi24_sm80`` (layout: :mod:`sparseprune.cuda_layout`).
+* BlockSparse: dense ``mma.sync`` over the stored blocks (needs bh % 16 == 0, bw % 32 == 0).
+* Hybrid: not implemented in this backend yet; the dispatcher is told why and picks another backend.
+
+fp16 and bf16 only, compute capability 8.0+. Importing this module registers the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _native  # noqa: F401  (op schemas and, in CUDA builds, the CUDA kernels)
+from .backends import Backend, register_backend
+from .formats import PackedWeight
+from .formats.semi24 import unpack_rows
+
+_OPS = torch.ops.sparseprune
+
+
+# --- ops: wrappers and fakes ------------------------------------------------------------------------
+def pack_semi24_sm80(dense_masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked dense fp16/bf16 W [N, K] -> (values [ceil(N/16), ceil(K/32), 32, 8], meta [.., .., 16] int32)."""
+    return _OPS.pack_semi24_sm80.default(dense_masked)
+
+
+@torch.library.register_fake("sparseprune::pack_semi24_sm80")
+def _(dense_masked):
+    torch._check(dense_masked.dim() == 2, lambda: "dense_masked must be [N, K]")
+    n, k = dense_masked.shape
+    mt, ks = (n + 15) // 16, (k + 31) // 32
+    return dense_masked.new_empty((mt, ks, 32, 8)), dense_masked.new_empty((mt, ks, 16), dtype=torch.int32)
+
+
+def cuda_semi24_linear(x, values, meta, out_features: int, bias=None) -> torch.Tensor:
+    """x [..., K] -> [..., N] with W packed by :func:`pack_semi24_sm80`."""
+    return _OPS.cuda_semi24_linear.default(x, values, meta, out_features, bias)
+
+
+@torch.library.register_fake("sparseprune::cuda_semi24_linear")
+def _(x, values, meta, out_features, bias):
+    torch._check(values.dim() == 4 and values.shape[1] == (x.shape[-1] + 31) // 32,
+                 lambda: "values must be pack_semi24_sm80 output for this in_features")
+    torch._check(x.dtype == values.dtype, lambda: "x and values must share a dtype")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def cuda_bsr_linear(x, values, crow, col, in_features: int, bias=None) -> torch.Tensor:
+    """x [..., K] -> [..., N], W in the canonical BSR layout."""
+    return _OPS.cuda_bsr_linear.default(x, values, crow, col, in_features, bias)
+
+
+@torch.library.register_fake("sparseprune::cuda_bsr_linear")
+def _(x, values, crow, col, in_features, bias):
+    torch._check(values.dim() == 3, lambda: "values must be [nnzb, bh, bw]")
+    torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, weight expects {in_features}")
+    torch._check(x.dtype == values.dtype, lambda: "x and values must share a dtype")
+    return x.new_empty((*x.shape[:-1], (crow.shape[0] - 1) * values.shape[1]))
+
+
+# --- backend ---------------------------------------------------------------------------------------
+def _built_with_cuda() -> bool:
+    return "cuda" in _native.build_info()["backends"]
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    kinds = ("semi24", "bsr")
+    dtypes = (torch.float16, torch.bfloat16)
+
+    def unavailable_reason(self, device) -> str | None:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, not {device}"
+        if not _built_with_cuda():
+            return ("backend 'cuda': this sparseprune build has no CUDA kernels (built against a CPU-only torch "
+                    "or without nvcc; rebuild with SPARSEPRUNE_CUDA=on)")
+        if not torch.cuda.is_available():
+            return "backend 'cuda': no CUDA device is available"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return (f"backend 'cuda' needs compute capability >= 8.0 (mma.sp, cp.async); "
+                    f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}")
+        return None
+
+    def unsupported_reason(self, weight: PackedWeight, device) -> str | None:
+        why = super().unsupported_reason(weight, device)
+        if why:
+            return why
+        if weight.kind == "semi24" and weight.shape[1] % 4:
+            return f"backend 'cuda': 2:4 needs in_features % 4 == 0, got {weight.shape[1]}"
+        if weight.kind == "bsr":
+            bh, bw = weight.block_size
+            if bh % 16 or bw % 32:
+                return f"backend 'cuda': BSR blocks must have bh % 16 == 0 and bw % 32 == 0, got {bh}x{bw}"
+        return None
+
+    def prepare(self, module) -> None:
+        if module.kind != "semi24":
+            return
+        dense = unpack_rows(module.values, module.meta, module.in_features)
+        v, m = pack_semi24_sm80(dense)
+        # extra buffers: follow .to()/.cuda(); non-persistent so state_dict keeps the canonical format
+        module.register_buffer("cuda_values", v, persistent=False)
+        module.register_buffer("cuda_meta", m, persistent=False)
+
+    def forward(self, module, x):
+        if module.kind == "semi24":
+            if getattr(module, "cuda_values", None) is None or module.cuda_values.device != x.device:
+                self.prepare(module)
+            return cuda_semi24_linear(x, module.cuda_values, module.cuda_meta, module.out_features, module.bias)
+        if module.kind == "bsr":
+            return cuda_bsr_linear(x, module.values, module.crow, module.col, module.in_features, module.bias)
+        raise RuntimeError(f"backend 'cuda' has no kernel for the {module.kind} format")
+
+
+register_backend(CudaBackend())
