@@ -1,0 +1,123 @@
+"""CUDA backend kernels on a GPU, against the plain-torch references (skipped cleanly without CUDA)."""
+
+import pytest
+import torch
+
+from sparseprune.formats import BlockSparseWeight, Semi24Weight
+from sparseprune.modules import SparseLinear
+from tests.helpers import DTYPE_IDS, assert_matches_reference, random_24_mask, random_block_mask
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.float16, torch.bfloat16]
+BATCHES = [0, 1, 3, 8, 37, 256, 4099]
+SEMI_SHAPES = [(16, 32), (100, 36), (37, 4), (256, 1000), (4096, 512), (130, 4096)]
+BSR_SHAPES = [(64, 64, (16, 32)), (96, 128, (32, 32)), (256, 512, (64, 64)), (48, 96, (16, 96))]
+
+
+def _cuda():
+    import sparseprune.cuda as c
+
+    why = c.CudaBackend().unavailable_reason(torch.device("cuda"))
+    if why:
+        pytest.skip(why)
+    return c
+
+
+def _semi(n, k, dtype):
+    w = (torch.randn(n, k, device="cuda") * random_24_mask(n, k, "cuda")).to(dtype)
+    return w
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={DTYPE_IDS[d]}")
+@pytest.mark.parametrize("n,k", SEMI_SHAPES, ids=lambda v: str(v))
+def test_semi24_matches_reference(n, k, dtype):
+    c = _cuda()
+    w = _semi(n, k, dtype)
+    v, m = c.pack_semi24_sm80(w)
+    for b in BATCHES:
+        x = torch.randn(b, k, device="cuda").to(dtype)
+        bias = torch.randn(n, device="cuda").to(dtype) if b % 2 else None
+        y = c.cuda_semi24_linear(x, v, m, n, bias)
+        assert_matches_reference(y.cpu(), x.cpu(), w.float().cpu(), None if bias is None else bias.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={DTYPE_IDS[d]}")
+def test_gpu_packer_matches_cpu_packer(dtype):
+    c = _cuda()
+    for n, k in SEMI_SHAPES:
+        w = _semi(n, k, dtype)
+        vg, mg = c.pack_semi24_sm80(w)
+        vc, mc = c.pack_semi24_sm80(w.cpu())
+        assert torch.equal(vg.cpu().view(torch.int16), vc.view(torch.int16)) and torch.equal(mg.cpu(), mc)
+    with pytest.raises(RuntimeError, match="not 2:4"):
+        c.pack_semi24_sm80(torch.ones(16, 32, device="cuda", dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={DTYPE_IDS[d]}")
+@pytest.mark.parametrize("n,k,block", BSR_SHAPES, ids=lambda v: str(v))
+def test_bsr_matches_reference(n, k, block, dtype):
+    c = _cuda()
+    for density in (0.0, 0.3, 1.0):
+        w = torch.randn(n, k).to(dtype)
+        p = BlockSparseWeight.from_dense(w, block, random_block_mask(n, k, block, density))
+        wd = p.to_dense().float()
+        vals, crow, col = p.values.cuda(), p.crow.cuda(), p.col.cuda()
+        for b in BATCHES:
+            x = torch.randn(b, k).to(dtype)
+            bias = torch.randn(n).to(dtype) if b % 2 else None
+            y = c.cuda_bsr_linear(x.cuda(), vals, crow, col, k, None if bias is None else bias.cuda())
+            assert_matches_reference(y.cpu(), x, wd, bias)
+
+
+def test_refusals_name_what_is_missing():
+    c = _cuda()
+    w = _semi(32, 64, torch.float16)
+    v, m = c.pack_semi24_sm80(w)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        c.cuda_semi24_linear(torch.randn(2, 64, device="cuda"), v, m, 32)
+    with pytest.raises(RuntimeError, match="values must be"):
+        c.cuda_semi24_linear(torch.randn(2, 128, device="cuda").half(), v, m, 32)
+    s = Semi24Weight.from_dense(torch.randn(32, 64) * random_24_mask(32, 64))
+    assert "dtype" in c.CudaBackend().unsupported_reason(s, torch.device("cuda"))
+    p = BlockSparseWeight.from_dense(torch.randn(32, 64).half(), (8, 8))
+    assert "bh % 16" in c.CudaBackend().unsupported_reason(p, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("kind", ["semi24", "bsr"])
+def test_sparse_linear_compile_and_graph(kind):
+    _cuda()
+    n, k = 256, 512
+    w = torch.randn(n, k).half()
+    if kind == "semi24":
+        p = Semi24Weight.from_dense(w * random_24_mask(n, k))
+    else:
+        p = BlockSparseWeight.from_dense(w, (64, 64), random_block_mask(n, k, (64, 64), 0.3))
+    wd = p.to_dense().float()
+    bias = torch.randn(n).half()
+    mod = SparseLinear(p, bias, backend="cpu").cuda().set_backend("cuda")
+    assert mod.backend == "cuda"
+    x = torch.randn(5, 7, k, device="cuda").half()
+    assert_matches_reference(mod(x).cpu(), x.cpu(), wd, bias)
+    comp = torch.compile(mod, fullgraph=True)
+    assert_matches_reference(comp(x).cpu(), x.cpu(), wd, bias)
+    xs = torch.randn(3, k, device="cuda").half()  # small batch: split-K path and its workspace
+    mod(xs)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ys = mod(xs)
+    xs.copy_(torch.randn(3, k, device="cuda").half())
+    g.replay()
+    torch.cuda.synchronize()
+    assert_matches_reference(ys.cpu(), xs.cpu(), wd, bias)
+
+
+def test_opcheck():
+    c = _cuda()
+    w = _semi(64, 128, torch.float16)
+    v, m = c.pack_semi24_sm80(w)
+    x = torch.randn(4, 128, device="cuda").half()
+    torch.library.opcheck(torch.ops.sparseprune.cuda_semi24_linear.default, (x, v, m, 64, None))
+    p = BlockSparseWeight.from_dense(torch.randn(64, 128).half(), (32, 32))
+    torch.library.opcheck(torch.ops.sparseprune.cuda_bsr_linear.default,
+                          (x, p.values.cuda(), p.crow.cuda(), p.col.cuda(), 128, None))
