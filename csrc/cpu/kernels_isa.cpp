@@ -1,7 +1,7 @@
 // Compiled once per ISA level (SP_ISA = generic | avx2 | avx512, see CMakeLists.txt).
 //
 // Each op has two paths, chosen by batch size:
-//  * B <= kGemvMaxB: GEMV. Weights are streamed once per group of up to 4 x rows (memory-bound).
+//  * small B (kGemvMax*): GEMV. Weights are streamed once per group of up to 4 x rows (memory-bound).
 //  * otherwise: tiled. x is transposed into xT[K][BT] fp32 (shared by the threads, one batch tile at
 //    a time) and each thread owns a contiguous range of output rows (balanced by stored blocks).
 // All arithmetic is fp32; every output is rounded once to the dtype. Meta codes are 2 bits per
@@ -19,8 +19,11 @@ namespace sparseprune::cpu::SP_ISA {
 
 namespace {
 
-// Largest batch served by the GEMV path (measured on Zen 5: tiles win from ~8 rows up).
-constexpr int64_t kGemvMaxB = 4;
+// Largest batch served by the GEMV path, measured on Zen 5 (1 thread, 4096x4096 fp32): the tiled
+// path costs about the same from B=1 to 16 (per-weight overhead, 1 vector per x row), the GEMV
+// path grows with B. Crossover: semi24 and hybrid between 4 and 8, BSR between 2 and 4.
+constexpr int64_t kGemvMaxSemi = 4;
+constexpr int64_t kGemvMaxBsr = 2;
 constexpr int NBG = 4;  // x rows per GEMV pass: weights re-read (from L1/L2) once per 4 rows
 
 // Semi24 tiled: rows in chunks of kRowChunk and K in tiles of kKTile. The xT sub-tile
@@ -196,7 +199,7 @@ void semi24_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* m
 
 template <DType DT> void semi24_impl(const LinearProblem& p, const void* values, const uint8_t* meta, int64_t ms) {
   const T_<DT>* v = static_cast<const T_<DT>*>(values);
-  if (p.B <= kGemvMaxB) semi24_gemv<DT>(p, v, meta, ms);
+  if (p.B <= kGemvMaxSemi) semi24_gemv<DT>(p, v, meta, ms);
   else semi24_tiled<DT>(p, v, meta, ms);
 }
 
@@ -312,7 +315,7 @@ template <bool SEMI, DType DT>
 void block_impl(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
                 const int32_t* col, int64_t bh, int64_t bw) {
   const T_<DT>* v = static_cast<const T_<DT>*>(values);
-  if (p.B <= kGemvMaxB) block_gemv<SEMI, DT>(p, v, meta, crow, col, bh, bw);
+  if (p.B <= (SEMI ? kGemvMaxSemi : kGemvMaxBsr)) block_gemv<SEMI, DT>(p, v, meta, crow, col, bh, bw);
   else block_tiled<SEMI, DT>(p, v, meta, crow, col, bh, bw);
 }
 
