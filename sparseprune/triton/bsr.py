@@ -32,30 +32,35 @@ def _bsr_kernel(
     M, N, K, M_KEY,  # M_KEY: autotune key only
     BH: tl.constexpr, BW: tl.constexpr, BH_P: tl.constexpr, BW_P: tl.constexpr,  # block shape, padded to pow2 >= 16
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_N divides BH_P
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_N | BH_P, BLOCK_K | BW_P
 ):
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     brow = pid // (BH_P // BLOCK_N)
     rows = (pid % (BH_P // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)  # rows inside the block
-    cols = tl.arange(0, BW_P)  # columns inside the block
+    cols = tl.arange(0, BLOCK_K)  # columns inside the current chunk of the block
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    w_mask = (rows < BH)[:, None] & (cols < BW)[None, :]
-    x_mask = (cols < BW)[:, None] & m_ok[None, :]
+    w_mask = (rows < BH)[:, None]
+    x_mask = m_ok[None, :]
 
+    # One flat loop over (stored block, BLOCK_K-wide chunk of it): registers scale with BLOCK_K,
+    # not with the block width, and a single dynamic loop is what Triton's pipeliner handles.
+    CHUNKS = BW_P // BLOCK_K
     start = tl.load(crow_ptr + brow)
     end = tl.load(crow_ptr + brow + 1)
     w_tile = v_ptr + rows[:, None] * BW + cols[None, :]
     x_tile = x_ptr + offs_m[None, :] * K + cols[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for i in range(start, end):
+    for t in range(start * CHUNKS, end * CHUNKS):
+        i = t // CHUNKS
+        kc = (t % CHUNKS) * BLOCK_K
         c = tl.load(col_ptr + i)
         if BH == BH_P and BW == BW_P:  # unpadded block shape: no masks on the weight
-            w = tl.load(w_tile + i * (BH * BW))
+            w = tl.load(w_tile + (i * (BH * BW) + kc))
         else:
-            w = tl.load(w_tile + i * (BH * BW), mask=w_mask, other=0.0)
-        xt = tl.load(x_tile + c * BW, mask=x_mask, other=0.0)
+            w = tl.load(w_tile + (i * (BH * BW) + kc), mask=w_mask & (cols + kc < BW)[None, :], other=0.0)
+        xt = tl.load(x_tile + (c * BW + kc), mask=x_mask & (cols + kc < BW)[:, None], other=0.0)
         if UPCAST:  # interpreter-only bf16 workaround (see _common.dot_flags)
             w = w.to(tl.float32)
             xt = xt.to(tl.float32)
@@ -70,27 +75,29 @@ def _bsr_kernel(
 
 
 # Autotune configs by token bucket (_common.token_bucket), tuned per (M_KEY, N, K) for each block
-# shape. BLOCK_N is clipped to the padded block height (block_configs), so a 16-row block never
-# gets a 64-row tile; stages are capped so a stage set fits sm_80's 163 KB of shared memory.
+# shape. block_configs clips BLOCK_N to the padded block height and BLOCK_K to the padded width (a
+# 16x16 block never gets a 64-row tile) and caps stages for sm_80's 163 KB of shared memory.
+# Sizes keep the fp32 accumulator <= 64 and the operand tiles <= ~48 registers per thread: no
+# config spills on sm_80 or sm_90 (checked by tests/test_triton_aot.py).
 BSR_CONFIGS: dict[str, list[triton.Config]] = {
     # 1-16 tokens: split each block row into 16/32-row programs so 64x64 blocks at 90% still
     # launch ~4x more CTAs than block rows (N=4096 -> 64 block rows -> 256 programs).
     "gemv": [
-        triton.Config({"BLOCK_N": 16, "BLOCK_M": 16}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 32, "BLOCK_M": 16}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 16}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
     ],
     # 17-128 tokens: whole 64-row tiles, 32-64 tokens, to reuse each weight block across tokens.
     "small": [
-        triton.Config({"BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ],
-    # 129+ tokens: compute bound; 128-token tiles, 8 warps for 128-row blocks.
+    # 129+ tokens: compute bound; 128-token tiles with BLOCK_K=32 (64 spills at 128x128 tiles).
     "large": [
-        triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     ],
 }
 SMEM_BUDGET = 160 * 1024  # sm_80: 163 KB dynamic shared memory per block, minus a margin
@@ -100,11 +107,11 @@ def padded(d: int) -> int:
     return max(16, _common.next_pow2(d))
 
 
-def block_configs(base: list[triton.Config], bh_p: int, bytes_per_stage) -> list[triton.Config]:
-    """``base`` fitted to one padded block height: BLOCK_N clipped to bh_p, stages within SMEM_BUDGET, deduplicated."""
+def block_configs(base: list[triton.Config], bh_p: int, bw_p: int, bytes_per_stage) -> list[triton.Config]:
+    """``base`` fitted to one padded block shape: BLOCK_N/BLOCK_K clipped to it, stages within SMEM_BUDGET, deduplicated."""
     out, seen = [], set()
     for c in base:
-        kw = dict(c.kwargs, BLOCK_N=min(c.kwargs["BLOCK_N"], bh_p))
+        kw = dict(c.kwargs, BLOCK_N=min(c.kwargs["BLOCK_N"], bh_p), BLOCK_K=min(c.kwargs["BLOCK_K"], bw_p))
         stages = c.num_stages
         while stages > 2 and stages * bytes_per_stage(kw) > SMEM_BUDGET:
             stages -= 1
@@ -117,8 +124,8 @@ def block_configs(base: list[triton.Config], bh_p: int, bytes_per_stage) -> list
 
 def configs_for(bucket: str, block: tuple[int, int], elem_size: int = 2) -> list[triton.Config]:
     bh_p, bw_p = padded(block[0]), padded(block[1])
-    return block_configs(BSR_CONFIGS[bucket], bh_p,
-                         lambda kw: (kw["BLOCK_N"] + kw["BLOCK_M"]) * bw_p * elem_size)
+    return block_configs(BSR_CONFIGS[bucket], bh_p, bw_p,
+                         lambda kw: (kw["BLOCK_N"] + kw["BLOCK_M"]) * kw["BLOCK_K"] * elem_size)
 
 
 @functools.cache
@@ -160,8 +167,9 @@ def bsr_forward(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: 
     bucket = _common.token_bucket(M)
     if config is None and x.device.type == "cpu":
         config = configs_for(bucket, (bh, bw))[0]
-    if config is not None and bh_p % config.kwargs["BLOCK_N"]:
-        raise ValueError(f"triton_bsr: BLOCK_N={config.kwargs['BLOCK_N']} must divide the padded block height {bh_p}")
+    if config is not None and (bh_p % config.kwargs["BLOCK_N"] or bw_p % config.kwargs["BLOCK_K"]):
+        raise ValueError(f"triton_bsr: config {config.kwargs} does not fit the padded block {bh_p}x{bw_p} "
+                         "(BLOCK_N and BLOCK_K must divide it; use configs_for)")
     args = dict(x_ptr=x2, v_ptr=values.contiguous(), crow_ptr=crow.contiguous(), col_ptr=col.contiguous(),
                 b_ptr=bias if bias is not None else x2, y_ptr=y, M=M, N=N, K=K, M_KEY=_common.token_key(M),
                 BH=bh, BW=bw, BH_P=bh_p, BW_P=bw_p, HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision)

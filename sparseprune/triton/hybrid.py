@@ -32,49 +32,52 @@ def _hybrid_kernel(
     M, N, K, M_KEY,  # M_KEY: autotune key only
     BH: tl.constexpr, BW: tl.constexpr, BH_P: tl.constexpr, BW_P: tl.constexpr,  # block shape, padded to pow2 >= 16
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,  # BLOCK_N divides BH_P
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_N | BH_P, BLOCK_K | BW_P
 ):
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     brow = pid // (BH_P // BLOCK_N)
     rows = (pid % (BH_P // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c2 = tl.arange(0, BW_P // 2)  # kept-value column inside the block
-    c8 = tl.arange(0, BW_P // 8)  # meta byte inside the block
-    cols = tl.arange(0, BW_P)
+    c2 = tl.arange(0, BLOCK_K // 2)  # kept-value column inside the chunk
+    c8 = tl.arange(0, BLOCK_K // 8)  # meta byte inside the chunk
+    cols = tl.arange(0, BLOCK_K)  # input column inside the chunk
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     r_ok = rows < BH
-    v_mask = r_ok[:, None] & (c2 < BW // 2)[None, :]
-    mt_mask = r_ok[:, None] & (c8 < BW // 8)[None, :]
-    x_mask = (cols < BW)[:, None] & m_ok[None, :]
 
+    # One flat loop over (stored block, BLOCK_K-wide chunk): registers scale with BLOCK_K, not BW.
+    CHUNKS = BW_P // BLOCK_K
     start = tl.load(crow_ptr + brow)
     end = tl.load(crow_ptr + brow + 1)
     v_tile = v_ptr + rows[:, None] * (BW // 2) + c2[None, :]
     m_tile = m_ptr + rows[:, None] * (BW // 8) + c8[None, :]
     x_tile = x_ptr + offs_m[None, :] * K + cols[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for i in range(start, end):
+    for t in range(start * CHUNKS, end * CHUNKS):
+        i = t // CHUNKS
+        kc = (t % CHUNKS) * BLOCK_K
         c = tl.load(col_ptr + i)
         if BH == BH_P and BW == BW_P:  # unpadded block shape: no masks on the weight
-            vals = tl.load(v_tile + i * (BH * BW // 2))
-            mbyte = tl.load(m_tile + i * (BH * BW // 8))
+            vals = tl.load(v_tile + (i * (BH * BW // 2) + kc // 2))
+            mbyte = tl.load(m_tile + (i * (BH * BW // 8) + kc // 8))
         else:
-            vals = tl.load(v_tile + i * (BH * BW // 2), mask=v_mask, other=0.0)
-            mbyte = tl.load(m_tile + i * (BH * BW // 8), mask=mt_mask, other=0)
-        xt = tl.load(x_tile + c * BW, mask=x_mask, other=0.0)
+            vals = tl.load(v_tile + (i * (BH * BW // 2) + kc // 2),
+                           mask=r_ok[:, None] & (c2 + kc // 2 < BW // 2)[None, :], other=0.0)
+            mbyte = tl.load(m_tile + (i * (BH * BW // 8) + kc // 8),
+                            mask=r_ok[:, None] & (c8 + kc // 8 < BW // 8)[None, :], other=0)
+        xt = tl.load(x_tile + (c * BW + kc), mask=(cols + kc < BW)[:, None] & m_ok[None, :], other=0.0)
 
-        # Expand 2:4 -> dense [BLOCK_N, BW_P] exactly as in semi24._semi24_kernel (kept inline:
+        # Expand 2:4 -> dense [BLOCK_N, BLOCK_K] exactly as in semi24._semi24_kernel (kept inline:
         # see _common's note on helpers and the interpreter).
-        lo, hi = tl.split(tl.reshape(vals, (BLOCK_N, BW_P // 4, 2)))
-        code = tl.reshape(tl.join(mbyte & 0xF, mbyte >> 4), (BLOCK_N, BW_P // 4))
+        lo, hi = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_K // 4, 2)))
+        code = tl.reshape(tl.join(mbyte & 0xF, mbyte >> 4), (BLOCK_N, BLOCK_K // 4))
         p0 = code & 3
         p1 = code >> 2
         d0 = tl.where(p0 == 0, lo, 0.0)
         d1 = tl.where(p0 == 1, lo, tl.where(p1 == 1, hi, 0.0))
         d2 = tl.where(p0 == 2, lo, tl.where(p1 == 2, hi, 0.0))
         d3 = tl.where(p1 == 3, hi, 0.0)
-        w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BW_P))
+        w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
 
         if UPCAST:  # interpreter-only bf16 workaround (see _common.dot_flags)
             w = w.to(tl.float32)
@@ -89,34 +92,36 @@ def _hybrid_kernel(
 
 
 # Autotune configs by token bucket (_common.token_bucket), tuned per (M_KEY, N, K) for each block
-# shape; BLOCK_N clipped to the padded block height and stages capped for sm_80's 163 KB
-# (bsr.block_configs). Same tiling rationale as bsr.BSR_CONFIGS; the in-register expansion adds
-# registers, so the widest weight tiles get 8 warps.
+# shape; BLOCK_N/BLOCK_K clipped to the padded block and stages capped for sm_80's 163 KB
+# (bsr.block_configs). Same tiling rationale as bsr.BSR_CONFIGS, but the in-register 2:4
+# expansion needs about twice the registers per weight element, so weight chunks are kept to
+# <= 32 elements per thread (BLOCK_N * BLOCK_K / threads): no spills on sm_80/sm_90.
 HYBRID_CONFIGS: dict[str, list[triton.Config]] = {
     # 1-16 tokens: 16/32-row programs multiply the CTA count over block rows (fills 132 SMs).
     "gemv": [
-        triton.Config({"BLOCK_N": 16, "BLOCK_M": 16}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 32, "BLOCK_M": 16}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_M": 16}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     ],
-    # 17-128 tokens: reuse each expanded block across 32-64 tokens.
+    # 17-128 tokens: reuse each expanded chunk across 32-64 tokens.
     "small": [
-        triton.Config({"BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ],
-    # 129+ tokens: compute bound, 128-token tiles amortise the expansion.
+    # 129+ tokens: compute bound, 128-token tiles amortise the expansion; BLOCK_K=32 avoids spills.
     "large": [
-        triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ],
 }
 
 
 def configs_for(bucket: str, block: tuple[int, int], elem_size: int = 2) -> list[triton.Config]:
     bh_p, bw_p = padded(block[0]), padded(block[1])
-    return block_configs(HYBRID_CONFIGS[bucket], bh_p,
-                         lambda kw: kw["BLOCK_N"] * (bw_p * elem_size // 2 + bw_p // 8) + kw["BLOCK_M"] * bw_p * elem_size)
+    return block_configs(HYBRID_CONFIGS[bucket], bh_p, bw_p,
+                         lambda kw: (kw["BLOCK_N"] * (kw["BLOCK_K"] * elem_size // 2 + kw["BLOCK_K"] // 8)
+                                     + kw["BLOCK_M"] * kw["BLOCK_K"] * elem_size))
 
 
 @functools.cache
@@ -161,8 +166,9 @@ def hybrid_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, cr
     bucket = _common.token_bucket(M)
     if config is None and x.device.type == "cpu":
         config = configs_for(bucket, (bh, bw))[0]
-    if config is not None and bh_p % config.kwargs["BLOCK_N"]:
-        raise ValueError(f"triton_hybrid: BLOCK_N={config.kwargs['BLOCK_N']} must divide the padded block height {bh_p}")
+    if config is not None and (bh_p % config.kwargs["BLOCK_N"] or bw_p % config.kwargs["BLOCK_K"]):
+        raise ValueError(f"triton_hybrid: config {config.kwargs} does not fit the padded block {bh_p}x{bw_p} "
+                         "(BLOCK_N and BLOCK_K must divide it; use configs_for)")
     args = dict(x_ptr=x2, v_ptr=values.contiguous(), m_ptr=meta.contiguous(), crow_ptr=crow.contiguous(),
                 col_ptr=col.contiguous(), b_ptr=bias if bias is not None else x2, y_ptr=y,
                 M=M, N=N, K=K, M_KEY=_common.token_key(M), BH=bh, BW=bw, BH_P=bh_p, BW_P=bw_p,
