@@ -2,8 +2,8 @@
 //
 // Each op has two paths, chosen by batch size:
 //  * small B (kGemvMax*): GEMV. Weights are streamed once per group of up to 4 x rows (memory-bound).
-//  * otherwise: tiled. x is transposed into xT[K][BT] fp32 (shared by the threads, one batch tile at
-//    a time) and each thread owns a contiguous range of output rows (balanced by stored blocks).
+//  * otherwise: tiled. x is transposed into xT[K][BT] fp32 tiles (shared by the threads, up to 8
+//    tiles at a time); pieces of output rows are handed out dynamically and run all those tiles.
 // All arithmetic is fp32; every output is rounded once to the dtype. Meta codes are 2 bits per
 // position, so any byte value keeps reads inside their group of 4.
 #include <omp.h>
@@ -28,30 +28,17 @@ constexpr int NBG = 4;  // x rows per GEMV pass: weights re-read (from L1/L2) on
 
 // Semi24 tiled: rows in chunks of kRowChunk and K in tiles of kKTile. The xT sub-tile
 // (kKTile x BT fp32 = 16 KB on AVX-512) stays in the 32 KB L1d for all rows of the chunk; the
-// chunk's partial sums (64 KB) live in L2. Big chunks mean xT (1 MB at K=4096) is streamed from
-// L3 only N/kRowChunk times per batch tile.
-constexpr int64_t kRowChunk = 256;
+// chunk's partial sums (32 KB) live in L2. Big chunks mean xT (1 MB at K=4096) is streamed from
+// L3 only N/kRowChunk times per batch tile; N/128 chunks are still enough pieces to balance.
+constexpr int64_t kRowChunk = 128;
 constexpr int64_t kKTile = 64;
 
 template <DType DT> using T_ = typename St<DT>::T;
 
-// Contiguous range [lo, hi) of block rows for thread t of nt, balanced by cost ~ stored blocks * bw
-// plus one unit per block row (its finalisation).
-void split_block_rows(const int32_t* crow, int64_t nbr, int64_t bw, int t, int nt, int64_t& lo, int64_t& hi) {
-  auto cost = [&](int64_t br) { return int64_t(crow[br]) * bw + br; };
-  const int64_t total = cost(nbr);
-  auto first_at_least = [&](int64_t target) {
-    int64_t a = 0, b = nbr;  // cost is strictly increasing in br
-    while (a < b) {
-      int64_t mid = (a + b) / 2;
-      if (cost(mid) >= target) b = mid;
-      else a = mid + 1;
-    }
-    return a;
-  };
-  lo = t == 0 ? 0 : first_at_least(total * t / nt);
-  hi = t + 1 == nt ? nbr : first_at_least(total * (t + 1) / nt);
-}
+// Work is handed out dynamically in about this many pieces: on a shared machine a thread may lose
+// its core for a whole scheduler slice, and static splits would then make the others wait for it.
+constexpr int64_t kPieces = 64;
+SP_INLINE int64_t piece(int64_t n) { return std::max<int64_t>(1, n / kPieces); }
 
 // x rows as fp32 for the GEMV path (x itself when it already is fp32).
 template <DType DT> const float* x_as_f32(const LinearProblem& p, Scratch& buf) {
@@ -71,23 +58,31 @@ template <DType DT> SP_INLINE void put(const LinearProblem& p, int64_t b, int64_
   sts<DT>(static_cast<T_<DT>*>(p.y) + b * p.N + n, v);
 }
 
-// Transposes x rows [b0, b0+nb) into xT[k][0..BT) as fp32; lanes nb..nvw are zeroed (finite values,
-// never stored). Called inside a parallel region: the k range is shared among the threads.
-template <DType DT> void transpose_tile(const LinearProblem& p, int64_t b0, int64_t nb, int64_t nvw, float* xT) {
+// Transposes batch tiles [t0, t0 + ntile) of x into xT (tile t at xT + (t - t0) * K * BT, rows
+// xT[k][0..BT)) as fp32; lanes past the last batch row up to a whole vector are zeroed (finite,
+// never stored). Called inside a parallel region; ends with the implicit barrier of its omp for.
+template <DType DT> void transpose_tiles(const LinearProblem& p, int64_t t0, int64_t ntile, float* xT) {
   const T_<DT>* x = static_cast<const T_<DT>*>(p.x);
   const int64_t K = p.K;
-  constexpr int64_t KB = 32;  // 32 xT rows (8 KB) stay in L1 while the nb source rows are read
-#pragma omp for schedule(static)
-  for (int64_t kb = 0; kb < K; kb += KB) {
-    const int64_t ke = std::min(K, kb + KB);
+  constexpr int64_t KB = 32;  // 32 xT rows (8 KB) stay in L1 while the source rows are read
+  const int64_t nkb = (K + KB - 1) / KB;
+#pragma omp for schedule(dynamic, 8)
+  for (int64_t u = 0; u < ntile * nkb; ++u) {
+    const int64_t t = u / nkb, kb = (u % nkb) * KB, ke = std::min(K, kb + KB);
+    const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nvw = (nb + VW - 1) / VW * VW;
+    float* xt = xT + t * K * BT;
     for (int64_t j = 0; j < nb; ++j) {
       const T_<DT>* xr = x + (b0 + j) * K;
-      for (int64_t k = kb; k < ke; ++k) xT[k * BT + j] = lds<DT>(xr + k);
+      for (int64_t k = kb; k < ke; ++k) xt[k * BT + j] = lds<DT>(xr + k);
     }
     for (int64_t j = nb; j < nvw; ++j)
-      for (int64_t k = kb; k < ke; ++k) xT[k * BT + j] = 0.f;
-  }  // implicit barrier: the tile is complete before anyone uses it
+      for (int64_t k = kb; k < ke; ++k) xt[k * BT + j] = 0.f;
+  }
 }
+
+// Batch tiles transposed per synchronisation (8 x K x BT fp32 = 8 MB at K=4096): each work piece
+// then runs all of them, so its weights are reused from L2 and threads meet once per 8 tiles.
+constexpr int64_t kSuperTiles = 8;
 
 // Writes part[r][j] (r < nr rows from n0, j < nb batch rows from b0) with bias, rounded once.
 template <DType DT>
@@ -117,8 +112,8 @@ void semi24_gemv_row(const LinearProblem& p, const T_<DT>* w, const uint8_t* m, 
 template <DType DT> void semi24_gemv(const LinearProblem& p, const T_<DT>* values, const uint8_t* meta, int64_t ms) {
   Scratch xbuf(DT == DType::F32 ? 1 : p.B * p.K);
   const float* xf = x_as_f32<DT>(p, xbuf);
-  const int64_t K = p.K;
-#pragma omp parallel for schedule(static)
+  const int64_t K = p.K, chunk = piece(p.N);
+#pragma omp parallel for schedule(dynamic, chunk)
   for (int64_t n = 0; n < p.N; ++n) {
     const T_<DT>* w = values + n * (K / 2);
     const uint8_t* m = meta + n * ms;
@@ -144,55 +139,58 @@ template <int NV> void semi_rows(const float* const* w, const uint8_t* const* m,
 template <DType DT>
 void semi24_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* meta, int64_t ms) {
   const int64_t K = p.K, N = p.N, G = K / 4;
-  Scratch xT(K * BT);
+  const int64_t ntiles = (p.B + BT - 1) / BT, st = std::min(kSuperTiles, ntiles);
+  const int64_t nchunks = (N + kRowChunk - 1) / kRowChunk;
+  Scratch xT(st * K * BT);
 #pragma omp parallel
   {
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    // Even row split, rounded to whole chunks.
-    const int64_t nchunks = (N + kRowChunk - 1) / kRowChunk;
-    const int64_t lo = std::min(N, nchunks * t / nt * kRowChunk), hi = std::min(N, nchunks * (t + 1) / nt * kRowChunk);
     Scratch part(kRowChunk * BT);
     Scratch wconv(DT == DType::F32 ? 1 : kRowChunk * kKTile / 2);
     const float* wp[kRowChunk];
     const uint8_t* mp[kRowChunk];
-    for (int64_t b0 = 0; b0 < p.B; b0 += BT) {
-      const int64_t nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
-      transpose_tile<DT>(p, b0, nb, nv * VW, xT.p);
-      for (int64_t c0 = lo; c0 < hi; c0 += kRowChunk) {
-        const int64_t nr = std::min(kRowChunk, hi - c0);
-        std::memset(part.p, 0, sizeof(float) * kRowChunk * BT);
-        for (int64_t g0 = 0; g0 < G; g0 += kKTile / 4) {
-          const int64_t ng = std::min(kKTile / 4, G - g0);
-          const float* xs = xT.p + 4 * g0 * BT;
-          for (int64_t r0 = 0; r0 < nr; r0 += RB) {
-            const int64_t rg = std::min<int64_t>(RB, nr - r0);
-            for (int64_t r = r0; r < r0 + rg; ++r) {
-              const T_<DT>* src = values + (c0 + r) * (K / 2) + 2 * g0;
-              // Rows are 8 KB apart and only a short piece of each is read per K tile: too many
-              // streams for the hardware prefetcher (profiled: the weight loads stalled), so
-              // prefetch this row's next K tile now, spread over the loop so none are dropped.
-              if (g0 + kKTile / 4 < G) {
-                const char* nx = reinterpret_cast<const char*>(src + kKTile / 2);
-                for (int64_t o = 0; o < int64_t(sizeof(T_<DT>)) * kKTile / 2; o += 64) __builtin_prefetch(nx + o, 0, 2);
-                __builtin_prefetch(meta + (c0 + r) * ms + (g0 + kKTile / 4) / 2, 0, 2);
+    for (int64_t t0 = 0; t0 < ntiles; t0 += st) {
+      const int64_t nth = std::min(st, ntiles - t0);
+      transpose_tiles<DT>(p, t0, nth, xT.p);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t c0 = c * kRowChunk, nr = std::min(kRowChunk, N - c0);
+        for (int64_t t = 0; t < nth; ++t) {
+          const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
+          const float* xtile = xT.p + t * K * BT;
+          std::memset(part.p, 0, sizeof(float) * kRowChunk * BT);
+          for (int64_t g0 = 0; g0 < G; g0 += kKTile / 4) {
+            const int64_t ng = std::min(kKTile / 4, G - g0);
+            const float* xs = xtile + 4 * g0 * BT;
+            for (int64_t r0 = 0; r0 < nr; r0 += RB) {
+              const int64_t rg = std::min<int64_t>(RB, nr - r0);
+              for (int64_t r = r0; r < r0 + rg; ++r) {
+                const T_<DT>* src = values + (c0 + r) * (K / 2) + 2 * g0;
+                // Rows are 8 KB apart and only a short piece of each is read per K tile: too many
+                // streams for the hardware prefetcher (profiled: the weight loads stalled), so
+                // prefetch this row's next K tile now, spread over the loop so none are dropped.
+                if (g0 + kKTile / 4 < G) {
+                  const char* nx = reinterpret_cast<const char*>(src + kKTile / 2);
+                  for (int64_t o = 0; o < int64_t(sizeof(T_<DT>)) * kKTile / 2; o += 64)
+                    __builtin_prefetch(nx + o, 0, 2);
+                  __builtin_prefetch(meta + (c0 + r) * ms + (g0 + kKTile / 4) / 2, 0, 2);
+                }
+                if constexpr (DT == DType::F32) {
+                  wp[r] = src;
+                } else {
+                  float* d = wconv.p + r * (kKTile / 2);
+                  to_f32<DT>(src, 2 * ng, d);
+                  wp[r] = d;
+                }
+                mp[r] = meta + (c0 + r) * ms + g0 / 2;  // g0 is a multiple of 16: byte aligned
               }
-              if constexpr (DT == DType::F32) {
-                wp[r] = src;
-              } else {
-                float* d = wconv.p + r * (kKTile / 2);
-                to_f32<DT>(src, 2 * ng, d);
-                wp[r] = d;
-              }
-              mp[r] = meta + (c0 + r) * ms + g0 / 2;  // g0 is a multiple of 16: byte aligned
-            }
 #define SP_CALL(NV) semi_rows<NV>(wp + r0, mp + r0, rg, ng, xs, part.p + r0 * BT)
-            SP_NV_SWITCH(nv, SP_CALL)
+              SP_NV_SWITCH(nv, SP_CALL)
 #undef SP_CALL
+            }
           }
+          finalize<DT>(p, part.p, c0, nr, b0, nb);
         }
-        finalize<DT>(p, part.p, c0, nr, b0, nb);
-      }
-#pragma omp barrier  // xT is rewritten for the next tile
+      }  // implicit barrier: xT is rewritten for the next super-tile
     }
   }
 }
@@ -235,14 +233,14 @@ void block_gemv(const LinearProblem& p, const T_<DT>* values, const uint8_t* met
   Scratch xbuf(DT == DType::F32 ? 1 : p.B * p.K);
   const float* xf = x_as_f32<DT>(p, xbuf);
   const int64_t nbr = p.N / bh;
+  const int64_t chunk = piece(nbr);
 #pragma omp parallel
   {
-    int64_t lo, hi;
-    split_block_rows(crow, nbr, bw, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
     Scratch vbuf(int64_t(sizeof(vf) / 4) * 2 * NBG * bh);
     Scratch sbuf(NBG * bh);
     vf* vacc = reinterpret_cast<vf*>(vbuf.p);
-    for (int64_t br = lo; br < hi; ++br)
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t br = 0; br < nbr; ++br)
       for (int64_t b0 = 0; b0 < p.B; b0 += NBG) {
         switch (std::min<int64_t>(NBG, p.B - b0)) {
           case 1: block_gemv_rows<SEMI, 1, DT>(p, values, meta, crow, col, bh, bw, br, xf, b0, vacc, sbuf.p); break;
@@ -267,46 +265,49 @@ void block_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* me
                  const int32_t* col, int64_t bh, int64_t bw) {
   const int64_t nbr = p.N / bh;
   const int64_t wlen = SEMI ? bh * (bw / 2) : bh * bw;  // stored values per block
-  Scratch xT(p.K * BT);
+  const int64_t K = p.K, ntiles = (p.B + BT - 1) / BT, st = std::min(kSuperTiles, ntiles), chunk = piece(nbr);
+  Scratch xT(st * K * BT);
 #pragma omp parallel
   {
-    int64_t lo, hi;
-    split_block_rows(crow, nbr, bw, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
     Scratch part(bh * BT);
     Scratch wconv(DT == DType::F32 ? 1 : wlen);
     std::unique_ptr<const float*[]> wp(new const float*[SEMI ? bh : 1]);
     std::unique_ptr<const uint8_t*[]> mp(new const uint8_t*[SEMI ? bh : 1]);
-    for (int64_t b0 = 0; b0 < p.B; b0 += BT) {
-      const int64_t nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
-      transpose_tile<DT>(p, b0, nb, nv * VW, xT.p);
-      for (int64_t br = lo; br < hi; ++br) {
-        std::memset(part.p, 0, sizeof(float) * bh * BT);
-        for (int64_t i = crow[br]; i < crow[br + 1]; ++i) {
-          const float* w;
-          if constexpr (DT == DType::F32) {
-            w = values + i * wlen;
-          } else {
-            to_f32<DT>(values + i * wlen, wlen, wconv.p);
-            w = wconv.p;
-          }
-          const float* xs = xT.p + int64_t(col[i]) * bw * BT;
-          if constexpr (SEMI) {
-            for (int64_t r = 0; r < bh; ++r) {
-              wp[r] = w + r * (bw / 2);
-              mp[r] = meta + (i * bh + r) * (bw / 8);
+    for (int64_t t0 = 0; t0 < ntiles; t0 += st) {
+      const int64_t nth = std::min(st, ntiles - t0);
+      transpose_tiles<DT>(p, t0, nth, xT.p);
+#pragma omp for schedule(dynamic, chunk)
+      for (int64_t br = 0; br < nbr; ++br) {
+        for (int64_t t = 0; t < nth; ++t) {
+          const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
+          const float* xtile = xT.p + t * K * BT;
+          std::memset(part.p, 0, sizeof(float) * bh * BT);
+          for (int64_t i = crow[br]; i < crow[br + 1]; ++i) {
+            const float* w;
+            if constexpr (DT == DType::F32) {
+              w = values + i * wlen;
+            } else {
+              to_f32<DT>(values + i * wlen, wlen, wconv.p);
+              w = wconv.p;
             }
+            const float* xs = xtile + int64_t(col[i]) * bw * BT;
+            if constexpr (SEMI) {
+              for (int64_t r = 0; r < bh; ++r) {
+                wp[r] = w + r * (bw / 2);
+                mp[r] = meta + (i * bh + r) * (bw / 8);
+              }
 #define SP_CALL(NV) semi_rows<NV>(wp.get(), mp.get(), bh, bw / 4, xs, part.p)
-            SP_NV_SWITCH(nv, SP_CALL)
+              SP_NV_SWITCH(nv, SP_CALL)
 #undef SP_CALL
-          } else {
+            } else {
 #define SP_CALL(NV) bsr_rows<NV>(w, bh, bw, xs, part.p)
-            SP_NV_SWITCH(nv, SP_CALL)
+              SP_NV_SWITCH(nv, SP_CALL)
 #undef SP_CALL
+            }
           }
+          finalize<DT>(p, part.p, br * bh, bh, b0, nb);
         }
-        finalize<DT>(p, part.p, br * bh, bh, b0, nb);
-      }
-#pragma omp barrier  // xT is rewritten for the next tile
+      }  // implicit barrier: xT is rewritten for the next super-tile
     }
   }
 }
