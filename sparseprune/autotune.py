@@ -192,10 +192,16 @@ def _disk_put(path, dkey, sig, plan) -> None:
         warnings.warn(f"sparseprune: could not write autotune cache {path}: {e}")
 
 
-def tune_module(module, *, cache_path=None, budget_s=BUDGET_S, force=False) -> dict[str, str]:
-    """Measures (or looks up) and installs the per-bucket plan of one SparseLinear; returns it by label."""
+def tune_module(module, *, cache_path=None, budget_s=BUDGET_S, force=False,
+                force_if_dtype_changed=True) -> dict[str, str]:
+    """Measures (or looks up) and installs the per-bucket plan of one SparseLinear; returns it by label.
+
+    ``force`` measures again even if a plan (or a cached measurement) exists; a plan made for
+    another dtype (the model was cast since) is replaced unless ``force_if_dtype_changed=False``.
+    """
     with _lock:
-        if module._plan is not None and not force:
+        stale = force_if_dtype_changed and module._plan_dtype != module.dtype
+        if module._plan is not None and not force and not stale:
             return module.auto_plan
         device = module.values.device
         bound = module._bound[1]
@@ -216,6 +222,7 @@ def tune_module(module, *, cache_path=None, budget_s=BUDGET_S, force=False) -> d
                     _disk_put(path, dkey, sig, plan)
             _memory_cache[key] = plan
         module._set_plan([_backends.get_backend(n) for n in plan])
+        module._plan_dtype = module.dtype
         module.auto_plan = dict(zip(BUCKET_LABELS, plan))
         return module.auto_plan
 

@@ -58,6 +58,7 @@ class SparseLinear(nn.Module):
         # backend="auto" after measurement (sparseprune.autotune): one backend per batch bucket,
         # and their names for reports. None = not measured yet (every batch uses the bound backend).
         self._plan: tuple[_backends.Backend, ...] | None = None
+        self._plan_dtype: torch.dtype | None = None  # dtype the plan was measured for
         self.auto_plan: dict[str, str] | None = None
         self.backend = None if backend == "auto" else backend
         self._bind(weight.device)
@@ -115,15 +116,17 @@ class SparseLinear(nn.Module):
         if x.dtype != self.values.dtype:
             raise RuntimeError(f"SparseLinear: input dtype {x.dtype} does not match weight dtype {self.values.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise RuntimeError(f"SparseLinear: input has shape {tuple(x.shape)}, expected [..., {self.in_features}]")
+            raise RuntimeError(f"SparseLinear: input of shape {tuple(x.shape)} has {x.shape[-1] if x.dim() else 0} "
+                               f"features in its last dimension, the weight expects {self.in_features}")
         if self._bound is None or self._bound[0] != x.device.type:
             self._bind(x.device)  # moved to another device type since the last call
         backend = self._bound[1]
         if self.backend_request == "auto":
-            if self._plan is None and not torch.compiler.is_compiling():
+            if (self._plan is None or self._plan_dtype != x.dtype) and not torch.compiler.is_compiling():
                 from . import autotune
 
-                autotune.tune_module(self)  # once per device; cached per shape (see autotune.py)
+                # once per device and dtype (model.half() re-measures); cached per shape (see autotune.py)
+                autotune.tune_module(self)
             if self._plan is not None:
                 # A Python branch on the row count: torch.compile guards on the bucket, not the size.
                 backend = self._plan[autotune_bucket(x.numel() // self.in_features)]

@@ -145,3 +145,13 @@ def test_moving_device_type_forgets_plan(monkeypatch):
     assert m._plan is None and "dense_weight" not in m._buffers
     m(torch.randn(1, 32))  # measured again on first call outside torch.compile
     assert m._plan is not None and all(b is backends.get_backend("dense") for b in m._plan)
+
+
+def test_cast_model_is_measured_again(monkeypatch):
+    calls = []
+    monkeypatch.setattr(autotune, "measure", fake_measure([0.5] * 5, calls))
+    model = sparseprune.convert(nn.Sequential(nn.Linear(64, 64)), "2:4")
+    assert len(calls) == 1
+    model.to(torch.bfloat16)
+    model(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert len(calls) == 2 and model[0]._plan_dtype == torch.bfloat16

@@ -113,9 +113,9 @@ def test_bad_inputs_give_clear_errors(kind, backend):
         m(torch.randn(2, 64, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="input is on meta but the weight is on cpu"):
         m(torch.randn(2, 64, device="meta"))
-    with pytest.raises(RuntimeError, match=r"input has shape \(2, 48\), expected \[\.\.\., 64\]"):
+    with pytest.raises(RuntimeError, match=r"input of shape \(2, 48\) has 48 features in its last dimension, the weight expects 64"):
         m(torch.randn(2, 48))
-    with pytest.raises(RuntimeError, match="input has shape"):
+    with pytest.raises(RuntimeError, match=r"input of shape \(\) has 0 features"):
         m(torch.tensor(1.0))
     assert m(torch.randn(0, 64)).shape == (0, 32)
     assert m(torch.randn(3, 0, 64)).shape == (3, 0, 32)
