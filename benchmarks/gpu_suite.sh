@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU suite for a CUDA machine without network (H100: ~10 minutes).
+#   1. install the package (editable, against the torch already installed)
+#   2. GPU tests: `pytest -m gpu` plus the Triton tests on CUDA (no interpreter)
+#   3. benchmarks/bench_gpu.py -> bench_gpu.csv, 4. benchmarks/plot_gpu.py -> 2 PNGs
+# Everything lands in $OUT if set, else benchmarks/results/local/ (CSV, gpu_suite.log, PNGs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/local}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_suite.log"
+unset TRITON_INTERPRET  # the GPU run must use compiled kernels
+exec > >(tee -a "$LOG") 2>&1
+echo "== gpu_suite $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+status=0
+
+echo "== install"
+pip install --no-build-isolation --no-deps -e . || { echo "install failed"; exit 1; }
+python -c "import sparseprune, torch, triton; print(sparseprune.build_info(), torch.__version__, triton.__version__)"
+
+echo "== tests (gpu)"
+timeout 240 python -m pytest -q -m gpu tests -p no:cacheprovider || status=1
+echo "== tests (triton on cuda)"
+timeout 120 python -m pytest -q tests/test_triton.py -p no:cacheprovider || status=1
+
+echo "== bench"
+timeout 330 python benchmarks/bench_gpu.py --out "$OUT" || status=1
+
+echo "== plot"
+python benchmarks/plot_gpu.py --out "$OUT" || status=1
+echo "== done (status $status); results in $OUT"
+exit $status
