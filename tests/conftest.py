@@ -1,11 +1,16 @@
 import os
 
-import pytest
 import torch
 
-import sparseprune
-
 HAS_CUDA = torch.cuda.is_available()
+# Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter. Triton reads this
+# when it is first imported, so it is set here, before any test module (or transformers) can import it.
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import sparseprune  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
