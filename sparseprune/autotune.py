@@ -100,6 +100,8 @@ def _candidates(module, device) -> list[str]:
     w = module.packed_weight()
     out = []
     for name in _backends.available_backends(device):
+        if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            continue  # the Triton interpreter is a debugging aid, never worth measuring for serving
         try:
             if _backends.get_backend(name).unsupported_reason(w, device) is None:
                 out.append(name)

@@ -102,8 +102,8 @@ def get_backend(name: str) -> Backend:
     if name not in _BACKENDS and name in _OPTIONAL:
         try:
             importlib.import_module(_OPTIONAL[name])
-        except ImportError as e:
-            raise ValueError(f"backend '{name}' is not available: {e}") from e
+        except Exception as e:  # noqa: BLE001 - a broken optional backend must not take "cpu"/"auto" down with it
+            raise ValueError(f"backend '{name}' is not available: {type(e).__name__}: {e}") from e
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend '{name}'; known: {sorted(set(_BACKENDS) | set(_OPTIONAL))}")
     return _BACKENDS[name]

@@ -155,3 +155,15 @@ def test_cast_model_is_measured_again(monkeypatch):
     model.to(torch.bfloat16)
     model(torch.randn(2, 64, dtype=torch.bfloat16))
     assert len(calls) == 2 and model[0]._plan_dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["semi24", "bsr", "hybrid"])
+def test_cuda_auto_plan_is_correct(kind):
+    packed, wd = random_weight(kind, 128, 256, torch.float16, block=(32, 32), device="cuda")
+    m = SparseLinear(packed, backend="auto")
+    plan = autotune.tune_module(m)
+    assert set(plan.values()) <= set(backends.available_backends("cuda"))
+    for b in (1, 5, 40, 300, 700):
+        x = torch.randn(b, 256, device="cuda", dtype=torch.float16)
+        assert_matches_reference(m(x), x, wd)

@@ -224,3 +224,16 @@ def test_truncated_and_non_safetensors_files(tmp_path):
     torch.save({"x": torch.ones(1)}, pickled)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         sparseprune.load(pickled, fresh)
+
+
+@pytest.mark.gpu
+def test_load_onto_gpu_model(tmp_path):
+    model = mlp(torch.float16)
+    fresh = copy.deepcopy(model).cuda()
+    sparseprune.convert(model, "2:4", backend="auto")
+    path = tmp_path / "m.safetensors"
+    sparseprune.save(model, path)
+    sparseprune.load(path, fresh)  # validated on CPU, then moved to the layer's device
+    assert fresh[0].values.is_cuda and fresh[0].backend != "cpu"
+    x = torch.randn(4, 64, dtype=torch.float16)
+    torch.testing.assert_close(fresh(x.cuda()).cpu(), model(x), rtol=2e-2, atol=2e-2)
