@@ -4,7 +4,8 @@ How it decides. For each :class:`~sparseprune.modules.SparseLinear` with ``backe
 backend that can run its weight on its device ("cpu"; "cuda"/"triton" on GPUs; always "dense") is
 timed against dense at the edges of the batch buckets 1 | 2-8 | 9-64 | 65-512 | 513+ (rows =
 ``x.numel() / in_features``), measured at 1, 8, 64, 512 and 1024 rows. Runs are interleaved and
-the median of per-run ratios to dense is kept, a few ms per candidate and size. A sparse backend
+the ratio of each candidate's best time to dense's best time is kept (interference on a shared
+machine only adds time), a few ms per candidate and size (at least 5 runs each). A sparse backend
 takes a bucket only if it is no slower than dense (within ``SLACK``) at both edges of that bucket;
 otherwise the bucket runs dense, so "auto" is never slower than the dense model beyond noise.
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import threading
 import time
 import warnings
@@ -45,7 +45,7 @@ BUCKET_POINTS = ((0,), (0, 1), (1, 2), (2, 3), (3, 4))
 # A sparse backend within 3% of dense counts as "not slower" (run-to-run noise on a busy CPU).
 SLACK = 0.03
 BUDGET_S = 0.004  # per candidate and measured size, after one warm-up call
-MIN_REPS, MAX_REPS = 3, 50
+MIN_REPS, MAX_REPS = 5, 50
 
 _lock = threading.RLock()  # tuning mutates modules and caches; forward threads may race to it
 _memory_cache: dict[str, tuple[str, ...]] = {}
@@ -138,9 +138,11 @@ def measure(module, candidates, rows_list=MEASURE_ROWS, budget_s=BUDGET_S) -> di
                         times[c].append(time.perf_counter() - t0)
                     if rep + 1 >= MIN_REPS and time.perf_counter() - start > budget_s * len(candidates):
                         break
-                base = times["dense"]
+                # Ratio of best times: on a shared machine, bursts of interference only ever add time,
+                # so each candidate's fastest run is its least disturbed one.
+                base = max(min(times["dense"]), 1e-9)
                 for c in candidates:
-                    ratios[c].append(statistics.median(t / max(b, 1e-9) for t, b in zip(times[c], base)))
+                    ratios[c].append(min(times[c]) / base)
     finally:
         if not had_dense:
             dense.release(module)
