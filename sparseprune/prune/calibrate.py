@@ -397,7 +397,12 @@ def prune_with_calibration(model: nn.Module, plans, method: PruningMethod, calib
     bar = _progress(len(plans), progress)
     try:
         if not method.needs_calibration:
-            pruner = _Pruner(method, permute, {}, bar)
+            block_keep = {}
+            if global_budget and plans and plans[0].pattern.kind != "nm":
+                from .api import _global_block_keep
+
+                block_keep = _global_block_keep(plans, method, {})
+            pruner = _Pruner(method, permute, block_keep, bar)
             for p in plans:
                 forget_permutation(p.module)
                 pruner(p, None)

@@ -46,20 +46,34 @@ def _nm_of(pattern: Pattern) -> tuple[int, int]:
     return (pattern.n, pattern.m) if pattern.kind == "nm" else (2, 4)
 
 
+def _top_n_of_4(a, b, c, d, n: int) -> torch.Tensor:
+    """Sum of the n largest of four same-shape tensors, elementwise (no sort: max/min only)."""
+    p, q = torch.maximum(a, b), torch.minimum(a, b)
+    r, t = torch.maximum(c, d), torch.minimum(c, d)
+    if n == 1:
+        return torch.maximum(p, r)
+    if n == 2:
+        return torch.maximum(p, r) + torch.maximum(torch.minimum(p, r), torch.maximum(q, t))
+    if n == 3:
+        return a + b + c + d - torch.minimum(q, t)
+    raise ValueError(f"N:4 needs 1 <= N <= 3, got {n}")
+
+
 def kept_score(scores: torch.Tensor, n: int = 2, m: int = 4, perm: torch.Tensor | None = None) -> float:
     """Sum of the scores an N:M mask keeps when the inputs are taken in ``perm`` order."""
     s = scores.float() if perm is None else scores.float()[:, perm]
     rows, cols = s.shape
-    return s.reshape(rows, cols // m, m).topk(n, dim=-1).values.sum().item()
+    return s.reshape(rows, cols // m, m).topk(n, dim=-1).values.double().sum().item()
 
 
-def search_permutation(scores: torch.Tensor, n: int = 2, *, rounds: int = 40, patience: int = 4,
+def search_permutation(scores: torch.Tensor, n: int = 2, *, rounds: int = 40, patience: int = 3,
                        seed: int = 0) -> torch.Tensor:
     """Input order ``perm`` (a permutation of range(in_features)) raising the N:4 kept score.
 
     ``scores`` [out, in] is what the mask should keep (|W| for magnitude, Wanda's |W|*||X||,
     OBS saliency for SparseGPT). Stops after ``rounds`` rounds, or after ``patience`` rounds in a
     row that gain less than 1e-6 of the total. Never returns an order worse than the identity.
+    Cost per round: about 35 x 2 x in x out elementwise operations (all vectorized).
     """
     s = scores.detach().float()
     rows, cols = s.shape
@@ -70,13 +84,15 @@ def search_permutation(scores: torch.Tensor, n: int = 2, *, rounds: int = 40, pa
     identity = torch.arange(cols, device=device)
     if groups < 2:
         return identity
-    split_a = torch.tensor(_SPLITS_A, device=device)
-    split_b = torch.tensor(_SPLITS_B, device=device)
+    # split_a[k] / split_b[k]: the 4 positions (of the pair's 8 channels) forming each group
+    split_a = torch.tensor(_SPLITS_A, device=device).t().contiguous()  # [4, 35]
+    split_b = torch.tensor(_SPLITS_B, device=device).t().contiguous()
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same order on every device
     perm = identity.clone()
     base = kept_score(s, n, 4)
     best_total, stale = base, 0
-    per_pair = rows * len(_SPLITS_A) * 8 * 4 * 2
+    st = s.t().contiguous()  # [cols, rows]: gathering channels reads contiguous rows
+    per_pair = rows * len(_SPLITS_A) * 4 * 10  # ~10 live [rows, P, 35] fp32 temporaries
     chunk = max(1, _STEP_BYTES // per_pair)
     for _ in range(rounds):
         order = torch.randperm(groups, generator=gen).to(device)
@@ -85,20 +101,19 @@ def search_permutation(scores: torch.Tensor, n: int = 2, *, rounds: int = 40, pa
         for start in range(0, pairs.shape[0], chunk):
             pr = pairs[start:start + chunk]
             chans = torch.cat([g[pr[:, 0]], g[pr[:, 1]]], dim=1)  # [P, 8] channel ids
-            sc = s[:, chans]  # [rows, P, 8]
-            ka = sc[:, :, split_a].topk(n, dim=-1).values.sum(-1)  # [rows, P, 35]
-            kb = sc[:, :, split_b].topk(n, dim=-1).values.sum(-1)
-            total = (ka + kb).sum(0)  # [P, 35]
+            sc = st[chans]  # [P, 8, rows]
+            ka = _top_n_of_4(*(sc[:, split_a[i]] for i in range(4)), n)  # [P, 35, rows]
+            kb = _top_n_of_4(*(sc[:, split_b[i]] for i in range(4)), n)
+            total = (ka + kb).sum(-1)  # [P, 35]
             best = total.argmax(dim=1)
             gain = total.gather(1, best[:, None]).squeeze(1) - total[:, 0]
             # Only move when the gain is above rounding noise of the fp32 sums.
             move = gain > 1e-6 * total[:, 0].abs().clamp_min(1e-30)
-            if move.any():
-                pm, bm = pr[move], best[move]
-                new = torch.cat([torch.gather(chans[move], 1, split_a[bm]),
-                                 torch.gather(chans[move], 1, split_b[bm])], dim=1)
-                g[pm[:, 0]] = new[:, :4]
-                g[pm[:, 1]] = new[:, 4:]
+            pm, bm = pr[move], best[move]
+            new = torch.cat([torch.gather(chans[move], 1, split_a.t()[bm]),
+                             torch.gather(chans[move], 1, split_b.t()[bm])], dim=1)
+            g[pm[:, 0]] = new[:, :4]
+            g[pm[:, 1]] = new[:, 4:]
         perm = g.reshape(-1)
         now = kept_score(s, n, 4, perm)
         if now - best_total <= 1e-6 * abs(best_total):
