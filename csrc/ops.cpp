@@ -21,6 +21,7 @@ TORCH_LIBRARY(sparseprune, m) {
   m.def("cuda_semi24_linear(Tensor x, Tensor values, Tensor meta, int out_features, Tensor? bias) -> Tensor");
   // BSR in the canonical layout, run on dense tensor cores over the stored blocks only.
   m.def("cuda_bsr_linear(Tensor x, Tensor values, Tensor crow, Tensor col, int in_features, Tensor? bias) -> Tensor");
+  m.def("cuda_hybrid_linear(Tensor x, Tensor values, Tensor meta, Tensor crow, Tensor col, int in_features, Tensor? bias) -> Tensor");
 }
 
 namespace py = pybind11;

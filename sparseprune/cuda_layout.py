@@ -1,21 +1,50 @@
 """CPU emulation of the ``mma.sp.m16n8k32`` (fp16/bf16) operand and metadata layout.
 
-Written from the PTX ISA ("Matrix fragments for sparse mma.m16n8k32 with .f16/.bf16", "Sparse matrix
-storage", "Sparsity selector"); it is what lets us check the CUDA backend's packed layout without a GPU.
-
-Per warp and per m16n8k32 step (lane = 4 * groupID + threadID_in_group, written g and t):
+It is what lets us check the CUDA backend's packed layout without a GPU. Per warp and per m16n8k32 step
+(lane = 4 * groupID + threadID_in_group, written g and t):
 
 * A is the 16x32 sparse tile stored compressed as 16x16 (two kept of every 4 along K). Each lane holds
   8 halves a0..a7: a_s sits at row ``g + 8 * ((s >> 1) & 1)`` and compressed column
   ``2t + (s & 1) + 8 * (s >> 2)`` (the same ownership as dense m16n8k16's A). Compressed columns 2j, 2j+1
   are the two kept values of group j (original columns 4j..4j+3).
-* Metadata: one 32-bit register per lane; with sparsity selector 0 lanes with t in {0, 1} supply it.
-  Lane (g, t) holds, nibble by nibble, the 2-bit kept positions of 16 original columns
-  (t * 16 .. t * 16 + 15): bits [4j, 4j+4) for row g, bits [16 + 4j, 16 + 4j + 4) for row g + 8,
-  group j = 0..3 within that half. A nibble is ``p0 | p1 << 2`` with p0 < p1 (``ordered_metadata``
-  wants them ascending), i.e. exactly the canonical Semi24 nibble.
+* Metadata: one 32-bit register per lane. Sparsity selector 0: lanes with t in {0, 1} supply it
+  (selector 1: t in {2, 3}; CUTLASS and Sparse-Marlin use selector 1 for a second m16 tile that shares
+  the register, we always use 0). Lane (g, t) with h = t & 1 covers original columns 16h .. 16h + 15:
+  bits [4j, 4j+4) hold group 4h + j of row g, bits [16 + 4j, 16 + 4j + 4) the same group of row g + 8.
+  A nibble is ``p0 | p1 << 2`` (lower index in the low 2 bits), p0 < p1, i.e. exactly the canonical
+  Semi24 nibble.
 * B (32x8, "col", i.e. x rows as stored) holds b0..b7 per lane: k = ``2t + (s & 1) + 8 * (s >> 1)``, n = g.
 * C/D (16x8 fp32): c_s at row ``g + 8 * (s >> 1)``, column ``2t + (s & 1)``.
+
+Where each fact comes from (checked November 2026; no GPU was available to run the instruction):
+
+* PTX ISA 9.7.14.6.1 "Sparse matrix storage" (mirror ptx.poole.ai): 2:4 granularity for .f16/.bf16
+  m16n8k16/m16n8k32; "Values 0b0000, 0b0101, 0b1010, 0b1111 are invalid values for metadata"; in a group
+  of four consecutive threads, the threads named by the sparsity selector store the metadata. LLVM's
+  NVVM intrinsic table (llvm-project PR 154984) gives m16n8k32 f16/bf16 a selector range of [0, 2).
+* NVIDIA forum ("Fragment layout of multiplicand A ... m16n8k32 fp16") and the PTX text: the A fragment
+  of sparse m16n8k32 has the dense m16n8k16 A ownership (a_slot_coords below).
+* MLIR integration test ``sparse-mma-2-4-f16.mlir`` (llvm-project, run on sm_80 hardware, links the PTX
+  figure "sparse-mma-metadata-16832-f16bf16"): with selector 0, lane (g, t) takes its low 16 bits from
+  meta[g][t % 2] and its high 16 bits from meta[g + 8][t % 2], where meta[row][h] is the int16 of the 16
+  columns 16h..16h+15 of that row, nibbles little-endian (group j at bits 4j).
+* CUTLASS ``tools/util/include/cutlass/util/host_reorder.h`` ``reorder_meta`` + ``ColumnMajorInterleaved<2>``
+  (re-implemented in PyTorch's ``torch/sparse/_semi_structured_conversions.py``, the layout PyTorch's
+  CUTLASS semi-structured kernels run on GPUs): per 32 rows and 32 columns, 32-bit word L = 4g + t holds
+  (rows g, g + 8; columns 0-15) for t = 0, (rows g, g + 8; columns 16-31) for t = 1 and the same for rows
+  g + 16, g + 24 for t = 2, 3; the words are ldmatrix-loaded so lane L receives word L, and
+  Sparse-Marlin (``marlin/common/mma.h``, ``mma_sp(..., frag_m[j / 2], j % 2)``) issues selector 0 for the
+  first m16 tile and 1 for the second. tests/test_cuda_layout.py::test_metadata_matches_cutlass_reorder
+  compares our words with torch's implementation bit for bit on random 2:4 weights.
+* PyTorch ``_sparse_semi_structured_from_dense`` nibble table: [1,1,0,0] -> 0b0100, [1,0,1,0] -> 0b1000,
+  ... "lower two bits in the encoding are index of the True value at the lowest index"; groups with
+  fewer than two nonzeros still name two distinct positions.
+* ``mma.sp::ordered_metadata`` (PTX ISA 8.5+): same operands; as we read the PTX text, the two indices of a
+  group must be in increasing order (our p0 < p1 always holds, which suits both forms). The PTX text says plain ``mma.sp`` "may have substantially
+  reduced performance on some target architectures" and ptxas 13 advises the ordered form.
+
+Conclusion: the mapping the kernel was written with is the one above; confidence high for the bit layout
+(two independent implementations agree bit for bit), unverified by running the instruction here.
 
 Packed layout produced by ``pack_semi24_sm80`` (and :func:`pack_reference` here), for W [N, K]:
 
@@ -24,6 +53,11 @@ Packed layout produced by ``pack_semi24_sm80`` (and :func:`pack_reference` here)
 * values ``[Np/16, Kp/32, 32, 8]``: tile (m, ks) = rows 16m.., columns 32ks..; lane-major, so lane l
   reads its whole A fragment with one 16-byte load at ``l * 16`` bytes (conflict-free in shared memory).
 * meta ``[Np/16, Kp/32, 16]`` int32: entry ``2g + t`` is lane (g, t)'s metadata register (t in {0, 1}).
+
+Hybrid blocks (bh % 16 == 0, bw % 32 == 0) are packed by stacking the stored dense blocks into one
+``[nnzb * bh, bw]`` matrix and packing that (:func:`pack_hybrid_reference`): block b, row tile r, k-step s
+is tile ``(b * bh/16 + r, s)``, so the result reshapes to values ``[nnzb, bh/16, bw/32, 32, 8]`` and meta
+``[nnzb, bh/16, bw/32, 16]`` without any padding.
 """
 
 from __future__ import annotations
@@ -195,3 +229,25 @@ def emulate_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n:
                 acc = yt[m * 16:(m + 1) * 16, nt * 8:(nt + 1) * 8]
                 yt[m * 16:(m + 1) * 16, nt * 8:(nt + 1) * 8] = emulate_mma_sp(a, e, bt, acc)
     return yt[:n, :b_].t()
+
+
+def pack_hybrid_reference(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense 2:4 blocks [nnzb, bh, bw] (bh % 16 == 0, bw % 32 == 0) -> (values [nnzb, bh/16, bw/32, 32, 8],
+    meta [nnzb, bh/16, bw/32, 16]) in the sm80 layout."""
+    nnzb, bh, bw = blocks.shape
+    if bh % TILE_M or bw % TILE_K:
+        raise ValueError(f"hybrid sm80 packing needs bh % 16 == 0 and bw % 32 == 0, got {bh}x{bw}")
+    v, m = pack_reference(blocks.reshape(nnzb * bh, bw))
+    return v.reshape(nnzb, bh // TILE_M, bw // TILE_K, 32, 8), m.reshape(nnzb, bh // TILE_M, bw // TILE_K, 16)
+
+
+def emulate_hybrid_linear(x, values, meta, crow, col, bh: int, bw: int, n: int) -> torch.Tensor:
+    """Y = X W^T over the stored hybrid blocks, one emulated mma.sp per (row tile, token tile, k-step)."""
+    out = torch.zeros(x.shape[0], n, dtype=torch.float64)
+    for br in range(len(crow) - 1):
+        for blk in range(int(crow[br]), int(crow[br + 1])):
+            xs = x[:, int(col[blk]) * bw:(int(col[blk]) + 1) * bw]
+            v = values[blk].reshape(-1, bw // TILE_K, 32, 8)
+            m = meta[blk].reshape(-1, bw // TILE_K, 16)
+            out[:, br * bh:(br + 1) * bh] += emulate_linear(xs, v, m, bh)
+    return out

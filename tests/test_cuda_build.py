@@ -1,10 +1,12 @@
 """Compile the CUDA backend with the machine's nvcc (no GPU needed) and read the SASS.
 
-* the torch-free kernel headers, instantiated for fp16 and bf16, compile for sm_80 and sm_90a;
-  every Semi24 kernel issues sparse tensor-core MMAs (HMMA.SP), every BSR kernel dense HMMA;
+* every csrc/cuda/*.cu is compiled exactly once, for sm_80 and sm_90a, against this torch's headers (a CPU
+  torch wheel lacks one generated header, c10/cuda/impl/cuda_cmake_macros.h; a stub in the temp dir stands
+  in for it); the module-scoped fixture shares the objects, ptxas -v logs and SASS among all tests;
+* every Semi24 and Hybrid kernel issues sparse tensor-core MMAs (HMMA.SP), every BSR kernel dense HMMA,
+  and all three store their output tile with 16-byte stores (STG.E.128, the shared-memory staged epilogue);
 * ptxas reports 0 spill stores and 0 spill loads for every kernel;
-* the torch-facing .cu files compile against this torch's headers (a CPU torch wheel lacks one generated
-  header, c10/cuda/impl/cuda_cmake_macros.h; a stub in the temp dir stands in for it).
+* the kernel headers stay torch-free.
 Everything is written to a temp dir, nothing next to the sources. Skips only if nvcc is absent.
 """
 
@@ -24,17 +26,6 @@ CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda-13.0/bin/nvcc" if os.path.exists("/usr/local/cuda-13.0/bin/nvcc") else None)
 ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-
-INSTANTIATE = """
-#include "cuda/semi24_sm80.cuh"
-#include "cuda/bsr_sm80.cuh"
-namespace sc = sparseprune::cuda;
-template cudaError_t sc::launch_semi24_sm80<__half>(const sc::Semi24Args&, int, cudaStream_t, float*, int64_t);
-template cudaError_t sc::launch_semi24_sm80<__nv_bfloat16>(const sc::Semi24Args&, int, cudaStream_t, float*, int64_t);
-template cudaError_t sc::launch_bsr_sm80<__half>(const sc::BsrArgs&, cudaStream_t);
-template cudaError_t sc::launch_bsr_sm80<__nv_bfloat16>(const sc::BsrArgs&, cudaStream_t);
-"""
-
 
 def _cuobjdump():
     try:
@@ -56,7 +47,6 @@ def _nvcc(args, cwd):
 def build():
     tmp = Path(tempfile.mkdtemp(prefix="sp_cuda_build_"))
     try:
-        (tmp / "kernels.cu").write_text(INSTANTIATE)
         tdir = Path(torch.__path__[0]) / "include"
         inc = ["-isystem", str(tdir), "-isystem", str(tdir / "torch/csrc/api/include"),
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
@@ -65,15 +55,18 @@ def build():
             stub.mkdir(parents=True)
             (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
             inc[:0] = ["-isystem", str(tmp / "stub")]
-        jobs = {"kernels": ["-c", "kernels.cu", "-o", "kernels.o", "-Xptxas", "-v", *ARCHS]}
-        for cu in sorted((CSRC / "cuda").glob("*.cu")):
-            # PTX only (no ptxas): this checks the torch-facing code; the kernels' SASS is checked above
-            jobs[cu.name] = ["-c", str(cu), "-o", f"{cu.stem}.o", *inc, "-gencode=arch=compute_80,code=compute_80"]
+        # one nvcc per .cu, both archs in it: the torch-facing files instantiate every kernel, so their
+        # objects are what we inspect (no second compile of the same kernels)
+        jobs = {cu.name: ["-c", str(cu), "-o", f"{cu.stem}.o", *inc, *ARCHS, "-Xptxas", "-v"]
+                for cu in sorted((CSRC / "cuda").glob("*.cu"))}
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
             outs = dict(zip(jobs, ex.map(lambda a: _nvcc(a, tmp), jobs.values())))
-        sass = subprocess.run([_cuobjdump(), "--dump-sass", "kernels.o"], cwd=tmp, capture_output=True, text=True,
-                              check=True).stdout
-        yield {"ptxas": outs["kernels"], "sass": sass, "outs": outs}
+        sass = {}
+        for name in jobs:
+            obj = Path(name).stem + ".o"
+            sass[name] = subprocess.run([_cuobjdump(), "--dump-sass", obj], cwd=tmp, capture_output=True, text=True,
+                                        check=True).stdout
+        yield {"ptxas": "\n".join(outs.values()), "sass": "\n".join(sass.values()), "outs": outs}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -96,42 +89,60 @@ def _functions(sass):
     return {k: "\n".join(v) for k, v in out.items()}
 
 
-def test_semi24_kernels_use_sparse_tensor_cores(build):
+def _kernels(build, marker):
     funcs = _functions(build["sass"])
-    semi = {k: v for k, v in funcs.items() if "18semi24_sm80_kernel" in k[1]}  # not pack_semi24_sm80_kernel
+    return {k: v for k, v in funcs.items() if marker in k[1]}
+
+
+def test_semi24_kernels_use_sparse_tensor_cores(build):
+    semi = _kernels(build, "18semi24_sm80_kernel")  # not pack_semi24_sm80_kernel
     assert {a for a, _ in semi} == {"sm_80", "sm_90a"}, f"missing arch in {sorted(semi)}"
     assert len(semi) == 16, f"expected 4 tile configs x 2 dtypes x 2 archs, got {len(semi)}"
     for (arch, name), body in semi.items():
         assert re.search(r"HMMA\.SP\.16832\.F32", body), f"{arch} {name}: no HMMA.SP.16832.F32 in SASS"
         assert "LDSM" in body, f"{arch} {name}: x tiles should be read with ldmatrix (LDSM)"
         assert "LDGSTS" in body, f"{arch} {name}: loads should be cp.async (LDGSTS)"
+        assert "STG.E.128" in body, f"{arch} {name}: staged epilogue should store 16 bytes at a time"
+
+
+def test_hybrid_kernels_use_sparse_tensor_cores(build):
+    hyb = _kernels(build, "hybrid_sm80_kernel")
+    assert {a for a, _ in hyb} == {"sm_80", "sm_90a"}, f"missing arch in {sorted(hyb)}"
+    assert len(hyb) == 24, f"expected 6 tile configs x 2 dtypes x 2 archs, got {len(hyb)}"
+    for (arch, name), body in hyb.items():
+        assert re.search(r"HMMA\.SP\.16832\.F32", body), f"{arch} {name}: no HMMA.SP.16832.F32 in SASS"
+        assert "LDSM" in body and "LDGSTS" in body, f"{arch} {name}: expected ldmatrix + cp.async"
+        assert "STG.E.128" in body, f"{arch} {name}: staged epilogue should store 16 bytes at a time"
 
 
 def test_bsr_kernels_use_dense_tensor_cores(build):
-    funcs = _functions(build["sass"])
-    bsr = {k: v for k, v in funcs.items() if "bsr_sm80_kernel" in k[1]}
-    assert {a for a, _ in bsr} == {"sm_80", "sm_90a"}
+    bsr = _kernels(build, "bsr_sm80_kernel")
+    assert {a for a, _ in bsr} == {"sm_80", "sm_90a"} and len(bsr) == 24
     for (arch, name), body in bsr.items():
         assert re.search(r"HMMA\.16816\.F32", body), f"{arch} {name}: no HMMA.16816.F32 in SASS"
         assert "HMMA.SP" not in body
         assert "LDGSTS" in body and "LDSM" in body
+        assert "STG.E.128" in body, f"{arch} {name}: staged epilogue should store 16 bytes at a time"
 
 
 def test_no_register_spills(build):
     log = build["ptxas"]
     props = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert len(props) >= 2 * 16, f"ptxas -v printed too few function reports:\n{log[:2000]}"
+    assert len(props) >= 2 * (16 + 24 + 24), f"ptxas -v printed too few function reports:\n{log[:2000]}"
     assert all(s == "0" and l == "0" for s, l in props), f"register spills:\n{log}"
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
     assert max(regs) <= 255
 
 
-def test_torch_facing_files_compile(build):
-    names = {n for n in build["outs"] if n.endswith(".cu")}
-    assert {"semi24_sm80.cu", "bsr_sm80.cu"} <= names
+def test_every_cu_compiled_once_and_headers_torch_free(build):
+    names = set(build["outs"])
+    assert {"semi24_sm80.cu", "bsr_sm80.cu", "hybrid_sm80.cu"} <= names
+    for h in (CSRC / "cuda").glob("*.cuh"):
+        includes = re.findall(r'#include\s*[<"]([^>"]+)', h.read_text())
+        assert not [i for i in includes if i.startswith(("torch/", "ATen/", "c10/"))], f"{h.name} includes torch"
 
 
 def test_schemas_registered_in_every_build():
     # a CPU-only build registers the schema (and the CPU packer) but no CUDA kernels
-    for op in ("pack_semi24_sm80", "cuda_semi24_linear", "cuda_bsr_linear"):
+    for op in ("pack_semi24_sm80", "cuda_semi24_linear", "cuda_bsr_linear", "cuda_hybrid_linear"):
         assert hasattr(torch.ops.sparseprune, op)

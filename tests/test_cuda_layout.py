@@ -97,3 +97,56 @@ def test_packer_refusals():
         pack(torch.zeros(16, 32))
     with pytest.raises(RuntimeError, match="multiple of 4"):
         pack(torch.zeros(16, 30, dtype=torch.float16))
+
+
+def test_metadata_matches_cutlass_reorder():
+    # Independent source: CUTLASS's reorder_meta + ColumnMajorInterleaved<2>, as re-implemented by PyTorch
+    # (the layout its CUTLASS semi-structured kernels run on). Per 32 rows x 32 columns, 32-bit word L is
+    # ldmatrix-loaded by lane L; selector 0 (lanes t < 2) serves rows 0-15, selector 1 (t >= 2) rows 16-31.
+    conv = pytest.importorskip("torch.sparse._semi_structured_conversions")
+    for dtype in DT:
+        n, k = 64, 128
+        # exactly two nonzeros per group: the nibble is unique (for emptier groups both packers pick some
+        # legal pair, but not the same one)
+        w = _masked(n, k, dtype)
+        _, cut = conv.sparse_semi_structured_from_dense_cutlass(w)
+        assert cut.dtype == torch.int16 and cut.shape == (n, k // 16)
+        words = cut.reshape(-1).view(torch.int32).reshape(k // 32, n)  # [column pair][reordered row]
+        _, m = pack(w)
+        for mt in range(n // 16):
+            for ks in range(k // 32):
+                for lane in range(32):
+                    g, t = lane >> 2, lane & 3
+                    if t // 2 != mt % 2:  # this lane's word serves the other m16 tile of the pair
+                        continue
+                    ours = int(m[mt, ks, 2 * g + (t & 1)])
+                    theirs = int(words[ks, (mt // 2) * 32 + lane])
+                    assert ours == theirs, f"tile ({mt}, {ks}) lane {lane}: {ours & 0xFFFFFFFF:#x} != {theirs & 0xFFFFFFFF:#x}"
+
+
+def test_selector_one_reads_the_other_lane_pair():
+    # the emulation's selector-1 view: lanes t in {2, 3} cover the tile exactly once, same bit fields
+    for sel in (0, 1):
+        cover = [(r, g) for lane in range(32) for _, r, g in (L.meta_lane_fields(lane, sel) or [])]
+        assert sorted(cover) == [(r, g) for r in range(16) for g in range(8)]
+
+
+@pytest.mark.parametrize("dtype", list(DT), ids=lambda d: f"dtype={DT[d]}")
+@pytest.mark.parametrize("block", [(16, 32), (32, 64), (64, 64)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_hybrid_packing_emulates_dense(block, dtype):
+    from sparseprune.cuda import pack_hybrid_sm80
+    from tests.helpers import random_weight
+
+    n, k = 2 * block[0], 3 * block[1]
+    p, wd = random_weight("hybrid", n, k, dtype, block=block, density=0.5)
+    bh, bw = block
+    blocks = p.to_dense().reshape(n // bh, bh, k // bw, bw).permute(0, 2, 1, 3)[
+        torch.zeros(n // bh, k // bw, dtype=torch.bool).index_put_(
+            (torch.repeat_interleave(torch.arange(n // bh), p.crow.diff().long()), p.col.long()), torch.tensor(True))]
+    v, m = pack_hybrid_sm80(p)
+    rv, rm = L.pack_hybrid_reference(blocks)
+    assert v.shape == (p.nnzb, bh // 16, bw // 32, 32, 8) and m.shape == (p.nnzb, bh // 16, bw // 32, 16)
+    assert torch.equal(v.view(torch.int16), rv.view(torch.int16)) and torch.equal(m, rm)
+    x = torch.randn(5, k).to(dtype)
+    y = L.emulate_hybrid_linear(x, v, m, p.crow, p.col, bh, bw, n)
+    torch.testing.assert_close(y, x.double() @ wd.double().t(), rtol=1e-12, atol=1e-12)

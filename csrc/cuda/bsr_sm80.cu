@@ -24,8 +24,10 @@ at::Tensor cuda_bsr_linear(const at::Tensor& x, const at::Tensor& values, const 
                     t->is_contiguous(),
                 op, ": crow and col must be contiguous int32 1-D tensors on ", x.device());
   TORCH_CHECK(col.size(0) == nnzb && crow.size(0) >= 1, op, ": col must have one entry per stored block");
+  TORCH_CHECK(nnzb < (int64_t(1) << 31) && K < (int64_t(1) << 31), op, ": weight too large for 32-bit indices");
   // crow/col contents are validated on the host when the weight is built (BlockSparseWeight.validate);
-  // re-checking them here would need a device sync per call and break CUDA graph capture.
+  // re-checking them here would need a device sync per call and break CUDA graph capture, so the kernel
+  // clamps crow to [0, nnzb] and skips blocks whose col is outside [0, K/bw) instead (bsr_sm80.cuh).
   const int64_t N = (crow.size(0) - 1) * bh;
   auto y = new_output(x, N);
   auto x2 = x_for_cp_async(x, K);
@@ -51,6 +53,7 @@ at::Tensor cuda_bsr_linear(const at::Tensor& x, const at::Tensor& values, const 
   a.K = int(K);
   a.bh = int(bh);
   a.bw = int(bw);
+  a.nnzb = int(nnzb);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const cudaError_t err = x.scalar_type() == at::kHalf ? launch_bsr_sm80<__half>(a, stream)
                                                        : launch_bsr_sm80<__nv_bfloat16>(a, stream);

@@ -4,6 +4,8 @@
 // and BN tokens; it walks that block row's stored blocks in 32-wide K chunks (bw % 32 == 0), each chunk
 // one cp.async pipeline stage: the weight chunk [BM][32] and the matching x chunk [BN][32] (x columns
 // col*bw + 32j...), both XOR-swizzled for conflict-free ldmatrix. Empty block rows still write bias/zero.
+// crow/col are clamped/checked on the device (never read out of bounds); the output tile is staged through
+// shared memory for 16-byte stores.
 #pragma once
 #include <algorithm>
 
@@ -21,7 +23,21 @@ struct BsrArgs {
   int64_t ldy;
   const void* bias;
   int B, N, K, bh, bw;
+  int nnzb;             // values.size(0): bound for the device-side crow clamp
 };
+
+// Stored-block range of block row br, clamped to [0, nnzb] and non-decreasing. crow/col are validated on
+// the host when the weight is built (validate()), but the op cannot re-check them per call without a
+// device->host sync (slow, and illegal under CUDA graph capture); these clamps cost two min/max and keep
+// a corrupted crow from sending loads outside values/col.
+__device__ __forceinline__ void clamped_block_range(const int32_t* crow, int br, int nnzb, int& begin, int& end) {
+  begin = min(max(crow[br], 0), nnzb);
+  end = min(max(crow[br + 1], begin), nnzb);
+}
+
+// A stored block whose column index is outside [0, K/bw) is skipped (contributes nothing): reading x at
+// col*bw would be out of bounds. Same reasoning as above: a device-side guard instead of a host sync.
+__device__ __forceinline__ bool block_col_ok(int c, int K, int bw) { return c >= 0 && c < K / bw; }
 
 template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
 struct BsrConfig {
@@ -30,6 +46,7 @@ struct BsrConfig {
   static constexpr int kStageBytes = (BM + BN) * 64;  // 32 halves per row
   static constexpr int kSmemBytes = STAGES * kStageBytes;
   static_assert(kMI >= 1 && kNI >= 2 && kNI % 2 == 0, "each warp covers >= 16 rows and a multiple of 16 tokens");
+  static_assert(kSmemBytes >= staged_epilogue_bytes<BM, BN>(), "epilogue tile must fit the pipeline's smem");
 };
 
 // 64-byte rows: 4 chunks of 16 B; rows r and r+2 share banks, so XOR the chunk with (r >> 1) & 3.
@@ -44,7 +61,8 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N) bsr_sm80_kernel(const 
   const int row0 = blockIdx.x * BM;  // first weight row of this CTA
   const int tok0 = blockIdx.y * BN;
   const int br = row0 / p.bh, row_in_block = row0 - br * p.bh;
-  const int b_begin = p.crow[br], b_end = p.crow[br + 1];
+  int b_begin, b_end;
+  clamped_block_range(p.crow, br, p.nnzb, b_begin, b_end);
   const int chunks_per_block = p.bw / 32;
   const int nk = (b_end - b_begin) * chunks_per_block;
   const uint16_t* gv = static_cast<const uint16_t*>(p.values);
@@ -54,7 +72,9 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N) bsr_sm80_kernel(const 
     unsigned char* sA = smem + stage * Cfg::kStageBytes;
     unsigned char* sX = sA + BM * 64;
     const int blk = b_begin + i / chunks_per_block, sub = i % chunks_per_block;
-    const int64_t kbase = int64_t(p.col[blk]) * p.bw + sub * 32;
+    const int c = p.col[blk];
+    const bool col_ok = block_col_ok(c, p.K, p.bw);
+    const int64_t kbase = int64_t(col_ok ? c : 0) * p.bw + sub * 32;
     const uint16_t* a = gv + (int64_t(blk) * p.bh + row_in_block) * p.bw + sub * 32;
     for (int j = tid; j < BM * 4; j += Cfg::kThreads) {
       const int r = j >> 2, c = j & 3;
@@ -62,7 +82,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N) bsr_sm80_kernel(const 
     }
     for (int j = tid; j < BN * 4; j += Cfg::kThreads) {
       const int r = j >> 2, c = j & 3;
-      const bool ok = tok0 + r < p.B;
+      const bool ok = col_ok && tok0 + r < p.B;
       cp_async16(sX + swz64(r, c), ok ? gx + int64_t(tok0 + r) * p.ldx + kbase + c * 8 : gx, ok);
     }
   };
@@ -88,6 +108,8 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N) bsr_sm80_kernel(const 
     cp_async_commit();
     const unsigned char* sA = smem + (it % STAGES) * Cfg::kStageBytes;
     const unsigned char* sX = sA + BM * 64;
+    // bad column: x was zero-filled, but skip the MMAs too so Inf/NaN weights cannot leak in as 0 * Inf
+    if (!block_col_ok(p.col[b_begin + it / chunks_per_block], p.K, p.bw)) continue;
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {  // two k16 halves of the 32-wide chunk
       uint32_t b[Cfg::kNI / 2][4];    // one ldmatrix.x4 = 16 tokens x k16
@@ -114,8 +136,10 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N) bsr_sm80_kernel(const 
     }
   }
   cp_async_wait<0>();
-  store_acc<T, Cfg::kMI, Cfg::kNI>(acc, row0 + warp_m * Cfg::kMI * 16, tok0 + warp_n * (BN / WARPS_N), lane, p.N,
-                                   p.B, static_cast<T*>(p.y), p.ldy, static_cast<const T*>(p.bias), nullptr);
+  store_acc_staged<T, Cfg::kMI, Cfg::kNI, BM, BN, Cfg::kThreads>(acc, smem, warp_m * Cfg::kMI * 16,
+                                                                warp_n * (BN / WARPS_N), tid, row0, tok0, p.N, p.B,
+                                                                static_cast<T*>(p.y), p.ldy,
+                                                                static_cast<const T*>(p.bias));
 }
 
 template <typename T, int BM, int BN, int WM, int WN, int ST>

@@ -106,6 +106,51 @@ __device__ __forceinline__ void store_acc(const float (&acc)[MI][NI][4], int row
     }
 }
 
+// Shared-memory bytes store_acc_staged needs for a BM x BN CTA tile.
+template <int BM, int BN>
+constexpr int staged_epilogue_bytes() { return BN * (BM + 8) * 2; }
+
+// Same result as store_acc (non-split path), but coalesced: the CTA's accumulators (weight rows row0..+BM,
+// tokens tok0..+BN) are first written, with bias, to shared memory transposed to y's order ([token][row],
+// rows padded by 8 halves so the fragment scatter spreads over banks), then every thread copies 16-byte
+// chunks of one token's row run to y. The fragment layout would otherwise make each warp store 2-byte
+// values 2*ldy bytes apart. Reuses the pipeline's shared memory: call after the last cp.async has landed.
+// Called by all threads of the CTA (it has barriers).
+template <typename T, int MI, int NI, int BM, int BN, int THREADS>
+__device__ __forceinline__ void store_acc_staged(const float (&acc)[MI][NI][4], unsigned char* smem, int wrow0,
+                                                 int wtok0, int tid, int row0, int tok0, int N, int B, T* y,
+                                                 int64_t ldy, const T* bias) {
+  constexpr int LD = BM + 8;
+  T* s = reinterpret_cast<T*>(smem);
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+  __syncthreads();  // every warp is done reading the last pipeline stage
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = wrow0 + 16 * mi + g + 8 * h;
+      const float b = (bias && row0 + r < N) ? to_float(bias[row0 + r]) : 0.f;
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) s[(wtok0 + 8 * ni + 2 * t + j) * LD + r] = from_float<T>(acc[mi][ni][2 * h + j] + b);
+    }
+  __syncthreads();
+  const bool vec = ldy % 8 == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
+  for (int i = tid; i < BN * (BM / 8); i += THREADS) {
+    const int tr = i / (BM / 8), c = (i % (BM / 8)) * 8;
+    const int tok = tok0 + tr, col = row0 + c;
+    if (tok >= B || col >= N) continue;
+    T* dst = y + int64_t(tok) * ldy + col;
+    const T* src = s + tr * LD + c;
+    if (vec && col + 8 <= N) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int e = 0; e < 8 && col + e < N; ++e) dst[e] = src[e];
+    }
+  }
+}
+
 // y[b][n] = sum over splits of partial[s][b][n] (+ bias): the split-K reduction.
 template <typename T>
 __global__ void splitk_reduce_kernel(const float* __restrict__ partial, int splits, int64_t BN, int N,

@@ -5,7 +5,8 @@
 // (semi24_sm80_layout.cuh): every lane fetches its A fragment with one 16-byte shared load. x tiles go
 // through cp.async into XOR-swizzled shared memory and are read with ldmatrix (no bank conflicts).
 // STAGES-deep cp.async pipeline over 64-wide K tiles (two m16n8k32 steps). Split-K over gridDim.z
-// writes fp32 partials that splitk_reduce_kernel sums (small batch on large K fills the GPU).
+// writes fp32 partials that splitk_reduce_kernel sums (small batch on large K fills the GPU). Without split-K
+// the output tile is staged through shared memory and stored as 16-byte rows (store_acc_staged).
 #pragma once
 #include <algorithm>
 
@@ -37,6 +38,7 @@ struct Semi24Config {
   static constexpr int kStageBytes = kABytes + kEBytes + kXBytes;
   static constexpr int kSmemBytes = STAGES * kStageBytes;
   static_assert(kMI >= 1 && kNI >= 1 && BM % (16 * WARPS_M) == 0 && BN % (8 * WARPS_N) == 0, "bad tile shape");
+  static_assert(kSmemBytes >= staged_epilogue_bytes<BM, BN>(), "epilogue tile must fit the pipeline's smem");
 };
 
 template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
@@ -132,9 +134,15 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   }
   cp_async_wait<0>();
 
-  float* partial = p.partial ? p.partial + int64_t(blockIdx.z) * p.B * p.N : nullptr;
-  store_acc<T, Cfg::kMI, Cfg::kNI>(acc, (mtile0 + warp_m * Cfg::kMI) * 16, tok0 + warp_n * (BN / WARPS_N), lane,
-                                   p.N, p.B, static_cast<T*>(p.y), p.ldy, static_cast<const T*>(p.bias), partial);
+  if (p.partial) {  // split-K: fp32 partials, summed (with bias) by splitk_reduce_kernel
+    float* partial = p.partial + int64_t(blockIdx.z) * p.B * p.N;
+    store_acc<T, Cfg::kMI, Cfg::kNI>(acc, (mtile0 + warp_m * Cfg::kMI) * 16, tok0 + warp_n * (BN / WARPS_N), lane,
+                                     p.N, p.B, nullptr, 0, nullptr, partial);
+  } else {
+    store_acc_staged<T, Cfg::kMI, Cfg::kNI, BM, BN, Cfg::kThreads>(
+        acc, smem, warp_m * Cfg::kMI * 16, warp_n * (BN / WARPS_N), tid, mtile0 * 16, tok0, p.N, p.B,
+        static_cast<T*>(p.y), p.ldy, static_cast<const T*>(p.bias));
+  }
 }
 
 // GPU packer: one thread per (tile, lane), the same per-lane routine as the CPU packer.
