@@ -1,0 +1,480 @@
+"""``sparseprune bench --accuracy``: what each pruning style costs in accuracy, next to its speedup.
+
+Two models are trained inside the benchmark on data that ships with Python and scikit-learn
+(nothing is downloaded):
+
+* **lm**: a small Llama (``transformers.LlamaForCausalLM`` from a tiny config) trained on
+  byte-level text: the source files of Python's standard library (held-out files for
+  validation). Metric: validation perplexity per byte (lower is better). This is the model the
+  targets are checked on: a trained transformer has the outlier input features that make
+  calibration-aware pruning matter, as in real LLMs.
+* **digits**: an MLP on scikit-learn's bundled 8x8 digits. Metric: test accuracy (%).
+
+For each pruning style (dense; unstructured 50%; 2:4 with magnitude / Wanda / SparseGPT, each
+with and without channel permutation; 4:8; block 50% and 75%; hybrid) the trained model is
+copied, pruned with calibration data from the training split, evaluated, then converted (packed
+in our formats) and evaluated again, and the converted linear layers are timed against the dense
+ones on the inputs they see in the model (interleaved runs, median of ratios). Patterns without
+kernels (unstructured, 4:8) report speedup n/a. Writes ``accuracy.csv`` and ``accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import math
+import os
+import platform
+import sysconfig
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import prune as sp_prune
+from ..convert import convert
+from ..modules import SparseLinear
+from .timing import compare
+
+
+@dataclass(frozen=True)
+class Style:
+    label: str
+    pattern: str
+    method: str
+    sparsity: float | None = None
+    permute: bool = False
+    block: int = 32
+
+    @property
+    def overall(self) -> float:
+        if self.pattern == "dense":
+            return 0.0
+        if self.pattern == "hybrid":
+            return (1 + self.sparsity) / 2
+        if ":" in self.pattern:
+            n, m = map(int, self.pattern.split(":"))
+            return 1 - n / m
+        return self.sparsity
+
+    @property
+    def has_kernels(self) -> bool:
+        return self.pattern in ("2:4", "block", "hybrid")
+
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+STYLES: list[Style] = [Style("dense", "dense", "-")]
+STYLES += [Style(f"unstructured 50% {m}", "unstructured", m, 0.5) for m in METHODS]
+STYLES += [Style(f"2:4 {m}{' +perm' if p else ''}", "2:4", m, permute=p) for m in METHODS for p in (False, True)]
+STYLES += [Style(f"4:8 {m}", "4:8", m) for m in METHODS]
+STYLES += [Style(f"block32 50% {m}", "block", m, 0.5) for m in METHODS]
+STYLES += [Style(f"block32 75% {m}", "block", m, 0.75) for m in METHODS]
+STYLES += [Style(f"hybrid 75% {m}", "hybrid", m, 0.5) for m in METHODS]
+STYLES += [Style("hybrid 75% sparsegpt +perm", "hybrid", "sparsegpt", 0.5, permute=True)]
+
+
+@dataclass
+class Task:
+    name: str
+    model: nn.Module
+    calibration: list
+    evaluate: callable  # model -> metric value
+    metric: str
+    higher_is_better: bool
+    include: str | list[str] | None
+    timing_inputs: callable  # model -> {layer name: input tensor}, batch 1 and batch 64
+    notes: dict = field(default_factory=dict)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def stdlib_text(max_bytes: int, val_every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) uint8 tensors: Python's stdlib source files, every ``val_every``-th file held out."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = sorted(f for f in os.listdir(root) if f.endswith(".py"))
+    train, val = bytearray(), bytearray()
+    for i, f in enumerate(files):
+        with open(os.path.join(root, f), "rb") as fh:
+            data = fh.read()
+        (val if i % val_every == val_every - 1 else train).extend(data)
+        if len(train) >= max_bytes and len(val) >= max_bytes // 8:
+            break
+    if len(train) < 100_000:
+        raise RuntimeError(f"found only {len(train)} bytes of Python source under {root}")
+    return (torch.frombuffer(bytearray(train[:max_bytes]), dtype=torch.uint8).long(),
+            torch.frombuffer(bytearray(val[: max(max_bytes // 8, 200_000)]), dtype=torch.uint8).long())
+
+
+def _windows(data: torch.Tensor, seq: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, data.numel() - seq - 1, (count,), generator=gen)
+    return torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
+
+
+# --- the small language model -----------------------------------------------------------------------
+
+def build_lm_task(quick: bool, device: torch.device, seed: int = 0, log=print, cache_dir: str | None = None) -> Task:
+    """Trains (or loads from ``cache_dir``, where it is saved after training) the small Llama."""
+    import transformers
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    seq = 128
+    hidden, inter, layers = (128, 384, 4) if quick else (192, 512, 4)
+    steps, batch = (160, 16) if quick else (1200, 24)
+    train, val = stdlib_text(1_500_000 if quick else 4_000_000)
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                                   max_position_embeddings=seq, tie_word_embeddings=False, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).to(device)
+    ckpt = None
+    if cache_dir:
+        ckpt = os.path.join(cache_dir, f"accuracy_lm_h{hidden}_i{inter}_l{layers}_s{steps}_b{batch}_seed{seed}.pt")
+    t0 = time.perf_counter()
+    if ckpt and os.path.exists(ckpt):
+        model.load_state_dict(torch.load(ckpt, map_location=device))
+        log(f"  lm: loaded the trained model from {ckpt} (delete it to retrain)")
+        steps = 0
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = steps // 20
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    for step in range(steps):
+        w = _windows(train, seq, batch, gen).to(device)
+        logits = model(input_ids=w[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, 256), w[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            log(f"  lm: step {step + 1}/{steps} train loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+    model.eval()
+    train_s = time.perf_counter() - t0
+    if ckpt and steps:
+        torch.save(model.state_dict(), ckpt)
+    val_w = _windows(val, seq, 48 if quick else 128, torch.Generator().manual_seed(seed + 1)).to(device)
+    calib = [_windows(train, seq, 8, gen)[:, :-1].to(device) for _ in range(4 if quick else 8)]
+
+    @torch.no_grad()
+    def evaluate(m) -> float:
+        total, n = 0.0, 0
+        for chunk in val_w.split(16):
+            logits = m(input_ids=chunk[:, :-1]).logits.float()
+            total += F.cross_entropy(logits.reshape(-1, 256), chunk[:, 1:].reshape(-1), reduction="sum").item()
+            n += chunk[:, 1:].numel()
+        return math.exp(total / n)
+
+    def timing_inputs(m):
+        return _capture_inputs(m, lambda mm: mm(input_ids=val_w[:1, :64]), ".layers.")
+
+    return Task("lm", model, calib, evaluate, "ppl", False, "model.layers.*", timing_inputs,
+                notes={"params": sum(p.numel() for p in model.parameters()), "train_s": train_s,
+                       "calibration": f"{len(calib) * 8} x {seq} bytes"})
+
+
+# --- the digits MLP -----------------------------------------------------------------------------------
+
+def build_digits_task(quick: bool, device: torch.device, seed: int = 0, log=print, cache_dir: str | None = None) -> Task:
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(seed)
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm].to(device), y[perm].to(device)
+    n_test = len(x) // 4
+    xt, yt, xtr, ytr = x[:n_test], y[:n_test], x[n_test:], y[n_test:]
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    epochs = 60 if quick else 150
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(xtr), generator=g).to(device)
+        for idx in order.split(64):
+            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    train_s = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def evaluate(m) -> float:
+        return 100.0 * (m(xt).argmax(-1) == yt).float().mean().item()
+
+    calib = list(xtr[:512].split(128))
+    log(f"  digits: trained {epochs} epochs in {train_s:.1f} s, test accuracy {evaluate(model):.2f}%")
+
+    def timing_inputs(m):
+        return _capture_inputs(m, lambda mm: mm(xt[:1]), "")
+
+    return Task("digits", model, calib, evaluate, "acc%", True, None, timing_inputs,
+                notes={"params": sum(p.numel() for p in model.parameters()), "train_s": train_s,
+                       "calibration": "512 training images"})
+
+
+# --- timing the same layers dense vs converted ----------------------------------------------------
+
+def _capture_inputs(model: nn.Module, run, name_part: str) -> dict[str, torch.Tensor]:
+    """{layer name: its input for one model call} for every Linear/SparseLinear whose name contains name_part."""
+    seen, handles = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, SparseLinear)) and name_part in name:
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, name=name: seen.setdefault(name, a[0].detach().reshape(-1, a[0].shape[-1]).clone())))
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def time_layers(dense: nn.Module, sparse: nn.Module, inputs: dict[str, torch.Tensor], device, rows: int,
+                budget_s: float) -> float | None:
+    """Median-of-ratios speedup of the converted layers over the same dense layers on ``rows`` rows."""
+    pairs = []
+    for name, x in inputs.items():
+        s = sparse.get_submodule(name)
+        if not isinstance(s, SparseLinear):
+            continue
+        d = dense.get_submodule(name)
+        xr = x[:1].expand(rows, -1).contiguous() if x.shape[0] < rows else x[:rows].contiguous()
+        pairs.append((d, s, xr))
+    if not pairs:
+        return None
+
+    def run_dense():
+        for d, _, x in pairs:
+            F.linear(x, d.weight, d.bias)
+
+    def run_sparse():
+        for _, s, x in pairs:
+            s(x)
+
+    with torch.no_grad():
+        return compare(run_dense, {"sparse": run_sparse}, device, budget_s=budget_s)["sparse"]["speedup"]
+
+
+# --- the study ------------------------------------------------------------------------------------------
+
+def _kernel_backend(device: torch.device) -> str:
+    """Time our sparse kernels themselves (``auto`` may pick a dense fallback where they lose)."""
+    from .. import backends
+
+    for name in backends.AUTO_ORDER.get(device.type, []):  # only this device's backends get imported
+        try:
+            if backends.get_backend(name).unavailable_reason(device) is None:
+                return name
+        except ValueError:
+            continue
+    return "auto"
+
+
+def run_task(task: Task, device: torch.device, quick: bool, log=print, styles=None,
+             timing_budget_s: float | None = None) -> list[dict]:
+    rows = []
+    dense_metric = task.evaluate(task.model)
+    speed_cache: dict[tuple, tuple] = {}
+    inputs = task.timing_inputs(task.model)
+    backend = _kernel_backend(device)
+    for st in STYLES if styles is None else styles:
+        t0 = time.perf_counter()
+        row = {"model": task.name, "style": st.label, "pattern": st.pattern, "method": st.method,
+               "permute": st.permute, "sparsity": round(st.overall, 4), "metric": task.metric}
+        if st.pattern == "dense":
+            row.update(value=dense_metric, value_converted=dense_metric, speedup_b1=1.0, speedup_b64=1.0,
+                       prune_s=0.0)
+            rows.append(row)
+            continue
+        m = copy.deepcopy(task.model)
+        kw = dict(method=st.method, include=task.include, permute=st.permute,
+                  calibration=task.calibration if st.method != "magnitude" else None)
+        if st.pattern in ("block", "hybrid", "unstructured"):
+            kw.update(sparsity=st.sparsity, block_size=(st.block, st.block))
+        rep = sp_prune(m, st.pattern, **kw)
+        row["prune_s"] = round(time.perf_counter() - t0, 2)
+        row["value"] = task.evaluate(m)
+        row["layers_pruned"] = len(rep.converted)
+        row["value_converted"] = None
+        row["speedup_b1"] = row["speedup_b64"] = None
+        if st.has_kernels:
+            conv = convert(copy.deepcopy(m), st.pattern, sparsity=st.sparsity, block_size=(st.block, st.block),
+                           include=task.include, backend=backend)
+            row["value_converted"] = task.evaluate(conv)
+            key = (st.pattern, st.sparsity, st.permute)
+            if key not in speed_cache:
+                # speed depends on the structure only, not on which weights were kept
+                speed_cache[key] = tuple(time_layers(task.model, conv, inputs, device, r,
+                                                                     timing_budget_s or (0.3 if quick else 1.0))
+                                         for r in (1, 64))
+            row["speedup_b1"], row["speedup_b64"] = speed_cache[key]
+        rows.append(row)
+        log(f"  {task.name}: {st.label:30s} {task.metric} {row['value']:.4g}  ({time.perf_counter() - t0:.1f} s)")
+    return rows
+
+
+def _find(rows, model, style):
+    for r in rows:
+        if r["model"] == model and r["style"] == style:
+            return r
+    return None
+
+
+def check_targets(rows: list[dict], model: str = "lm") -> list[tuple[str, bool | None, str]]:
+    """The issue's targets on ``model``: (target, met (None if not measurable), detail)."""
+    d = _find(rows, model, "dense")
+    if d is None:
+        return []
+    hib = d["metric"].startswith("acc")
+
+    def loss_of(r):  # how much worse than dense (positive = worse)
+        return (d["value"] - r["value"]) if hib else (r["value"] - d["value"])
+
+    needed = ["2:4 magnitude"] + [f"2:4 {m}{p}" for m in METHODS for p in ("", " +perm")]
+    if any(_find(rows, model, n) is None for n in needed):
+        return []
+    out = []
+    mag = _find(rows, model, "2:4 magnitude")
+    lost = loss_of(mag)
+    for meth, need in (("sparsegpt", 2 / 3), ("wanda", 1 / 2)):
+        r = _find(rows, model, f"2:4 {meth}")
+        if lost <= 1e-9:
+            out.append((f"2:4 {meth} recovers >= {need:.0%} of what magnitude loses", None,
+                        "magnitude loses nothing here"))
+            continue
+        rec = (lost - loss_of(r)) / lost
+        out.append((f"2:4 {meth} recovers >= {need:.0%} of what magnitude loses", rec >= need,
+                    f"recovers {rec:.0%} ({d['metric']}: dense {d['value']:.4g}, magnitude {mag['value']:.4g}, "
+                    f"{meth} {r['value']:.4g})"))
+    for meth in METHODS:
+        a, b = _find(rows, model, f"2:4 {meth}"), _find(rows, model, f"2:4 {meth} +perm")
+        better = (b["value"] > a["value"]) if hib else (b["value"] < a["value"])
+        out.append((f"permutation improves 2:4 {meth}", better, f"{a['value']:.4g} -> {b['value']:.4g}"))
+    unstr = min((loss_of(r) for r in rows if r["model"] == model and r["pattern"] == "unstructured"))
+    structured = [r for r in rows if r["model"] == model and r["pattern"] in ("2:4", "4:8", "block")
+                  and abs(r["sparsity"] - 0.5) < 1e-6]
+    worst = min(structured, key=loss_of)
+    out.append(("unstructured 50% is the ceiling for 50% structured styles", unstr <= loss_of(worst) + 1e-12,
+                f"best unstructured loses {unstr:.4g}, best structured ({worst['style']}) loses {loss_of(worst):.4g}"))
+    return out
+
+
+# --- output -----------------------------------------------------------------------------------------------
+
+def _fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'model':7s} {'style':30s} {'sparsity':>8s} {'metric':>7s} {'pruned':>9s} {'converted':>9s} "
+             f"{'speedup b1':>10s} {'b64':>6s}"]
+    for r in rows:
+        lines.append(f"{r['model']:7s} {r['style']:30s} {r['sparsity']:8.3f} {r['metric']:>7s} {r['value']:9.4g} "
+                     f"{_fmt(r['value_converted'], '9.4g'):>9s} {_fmt(r['speedup_b1'], '9.2f'):>9s}x "
+                     f"{_fmt(r['speedup_b64'], '5.2f'):>5s}x")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str, meta: dict) -> None:
+    keys = ["model", "style", "pattern", "method", "permute", "sparsity", "metric", "value", "value_converted",
+            "speedup_b1", "speedup_b64", "prune_s", "layers_pruned"]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys + list(meta))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: r.get(k) for k in keys}, **meta})
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows}, key=lambda m: m != "lm")
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    colors = {"magnitude": "tab:red", "wanda": "tab:blue", "sparsegpt": "tab:green", "-": "black"}
+    markers = {"dense": "*", "unstructured": "x", "2:4": "o", "4:8": "P", "block": "s", "hybrid": "D"}
+    for ax, model in zip(axes[0], models):
+        rs = [r for r in rows if r["model"] == model]
+        for r in rs:
+            x = r["speedup_b1"] if r["speedup_b1"] is not None else 0.0
+            ax.scatter(x, r["value"], c=colors.get(r["method"], "gray"), marker=markers.get(r["pattern"], "o"),
+                       s=70 if not r["permute"] else 110, edgecolors="k" if r["permute"] else None, alpha=0.85)
+            ax.annotate(r["style"].replace(" magnitude", " mag").replace(" sparsegpt", " sgpt"), (x, r["value"]),
+                        fontsize=6, xytext=(4, 2), textcoords="offset points")
+        ax.axvline(1.0, color="gray", lw=0.5, ls="--")
+        ax.set_xlabel("speedup of the converted linear layers at batch 1 (0 = no kernel)")
+        ax.set_ylabel(rs[0]["metric"] + (" (higher is better)" if rs[0]["metric"].startswith("acc")
+                                         else " (lower is better)"))
+        if not rs[0]["metric"].startswith("acc"):
+            ax.set_yscale("log")
+        ax.set_title(f"{model}: accuracy vs speedup")
+        for meth, c in colors.items():
+            if meth != "-":
+                ax.scatter([], [], c=c, label=meth)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+TASKS = {"lm": build_lm_task, "digits": build_digits_task}
+
+
+def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks=("lm", "digits"),
+        styles=None) -> list[dict]:
+    """Train both models, prune them every way, print the table; writes accuracy.csv and accuracy.png.
+
+    The trained LM is saved in ``out_dir`` and reused by later runs with the same settings.
+    """
+    from .speed import device_name
+
+    dev = torch.device(device)
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = []
+    notes = {}
+    for name in tasks:
+        task = TASKS[name](quick, dev, log=log, cache_dir=out_dir)
+        notes[task.name] = task.notes
+        rows += run_task(task, dev, quick, log=log, styles=styles)
+        del task
+    meta = {"device": device_name(dev), "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "quick": quick,
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    write_csv(rows, os.path.join(out_dir, "accuracy.csv"), meta)
+    plot(rows, os.path.join(out_dir, "accuracy.png"))
+    print(format_table(rows))
+    for name, n in notes.items():
+        print(f"{name}: {n['params']:,} parameters, trained in {n['train_s']:.0f} s, calibration {n['calibration']}")
+    if "lm" in tasks:
+        print("targets (lm):")
+    for target, ok, detail in check_targets(rows, "lm"):
+        print(f"  [{'met' if ok else 'n/a' if ok is None else 'NOT met'}] {target}: {detail}")
+    print(f"accuracy study took {time.perf_counter() - t0:.0f} s; wrote {out_dir}/accuracy.csv and {out_dir}/accuracy.png")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sparseprune.bench.accuracy", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/local")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    run(args.out, quick=args.quick, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

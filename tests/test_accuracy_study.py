@@ -1,0 +1,75 @@
+"""The accuracy study's plumbing on a tiny task (the real study trains for minutes)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+from sparseprune.bench import accuracy as acc
+
+
+def _tiny_task() -> acc.Task:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 32) * (1 + 4 * torch.rand(32))
+    y = model(x).argmax(-1)
+
+    def evaluate(m):
+        with torch.no_grad():
+            return 100.0 * (m(x).argmax(-1) == y).float().mean().item()
+
+    return acc.Task("tiny", model, [x[:32], x[32:]], evaluate, "acc%", True, ["0", "2"],
+                    lambda m: acc._capture_inputs(m, lambda mm: mm(x[:1]), ""), notes={})
+
+
+STYLES = [s for s in acc.STYLES if s.label in (
+    "dense", "unstructured 50% wanda", "2:4 magnitude", "2:4 sparsegpt +perm", "4:8 wanda", "hybrid 75% sparsegpt")]
+
+
+def test_run_task_rows_and_outputs(tmp_path):
+    styles = [acc.Style(s.label, s.pattern, s.method, s.sparsity, s.permute, block=16) for s in STYLES]
+    rows = acc.run_task(_tiny_task(), torch.device("cpu"), quick=True, log=lambda *a: None, styles=styles,
+                       timing_budget_s=0.02)
+    assert [r["style"] for r in rows] == [s.label for s in styles]
+    by = {r["style"]: r for r in rows}
+    assert by["dense"]["value"] == 100.0
+    for r in rows:
+        if r["pattern"] in ("unstructured", "4:8"):
+            assert r["speedup_b1"] is None and r["value_converted"] is None  # no kernels: n/a
+        elif r["pattern"] != "dense":
+            assert r["speedup_b1"] > 0 and r["speedup_b64"] > 0
+            # the converted (packed, possibly permuted) model computes what the pruned one does
+            assert r["value_converted"] == pytest.approx(r["value"], abs=2.0)
+    meta = {"device": "cpu", "quick": True}
+    acc.write_csv(rows, str(tmp_path / "accuracy.csv"), meta)
+    acc.plot(rows, str(tmp_path / "accuracy.png"))
+    with open(tmp_path / "accuracy.csv") as fh:
+        got = list(csv.DictReader(fh))
+    assert len(got) == len(rows) and got[0]["device"] == "cpu"
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert "n/a" in acc.format_table(rows)
+
+
+def _row(style, value, pattern="2:4", sparsity=0.5):
+    return {"model": "lm", "style": style, "value": value, "metric": "ppl", "pattern": pattern, "sparsity": sparsity}
+
+
+def test_check_targets_logic():
+    rows = [_row("dense", 10.0, "dense", 0.0), _row("2:4 magnitude", 20.0), _row("2:4 magnitude +perm", 18.0),
+            _row("2:4 wanda", 14.0), _row("2:4 wanda +perm", 13.0), _row("2:4 sparsegpt", 12.0),
+            _row("2:4 sparsegpt +perm", 12.5), _row("unstructured 50% wanda", 11.0, "unstructured")]
+    res = {t: ok for t, ok, _ in acc.check_targets(rows)}
+    assert res["2:4 sparsegpt recovers >= 67% of what magnitude loses"] is True  # 80%
+    assert res["2:4 wanda recovers >= 50% of what magnitude loses"] is True  # 60%
+    assert res["permutation improves 2:4 wanda"] is True
+    assert res["permutation improves 2:4 sparsegpt"] is False
+    assert res["unstructured 50% is the ceiling for 50% structured styles"] is True
+
+
+def test_stdlib_text_ships_offline():
+    train, val = acc.stdlib_text(200_000)
+    assert train.numel() == 200_000 and val.numel() >= 25_000
+    assert int(train.max()) < 256
