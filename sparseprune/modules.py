@@ -22,6 +22,13 @@ def autotune_bucket(rows) -> int:
     return len(AUTO_BUCKET_EDGES)
 
 
+def _may_measure(x: torch.Tensor) -> bool:
+    """Measuring syncs and allocates: never while torch.compile traces or a CUDA graph captures."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 class SparseLinear(nn.Module):
     """y = x @ W^T + b with W stored packed (Semi24, BlockSparse or Hybrid).
 
@@ -122,7 +129,7 @@ class SparseLinear(nn.Module):
             self._bind(x.device)  # moved to another device type since the last call
         backend = self._bound[1]
         if self.backend_request == "auto":
-            if (self._plan is None or self._plan_dtype != x.dtype) and not torch.compiler.is_compiling():
+            if (self._plan is None or self._plan_dtype != x.dtype) and _may_measure(x):
                 from . import autotune
 
                 # once per device and dtype (model.half() re-measures); cached per shape (see autotune.py)
@@ -139,4 +146,5 @@ class SparseLinear(nn.Module):
         extra = f", block_size={w.block_size}" if hasattr(w, "block_size") else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.kind}{extra}, "
                 f"bias={self.bias is not None}, backend={self.backend}, "
+                + (f"auto_plan={self.auto_plan}, " if self.auto_plan else "") +
                 f"bytes={w.nbytes / w.dense_nbytes:.3f} of dense")
