@@ -7,6 +7,8 @@ process; rows are appended to a CSV with device, versions and date (plotting is 
 Targets (fp16, shapes NxK = 4096x4096, 14336x4096, 4096x14336):
   Semi24 >= 1.3x dense at batch >= 2048 and >= 1.0x cuSPARSELt; >= 1.5x dense at batch 1-16.
   BlockSparse 64x64 at 90% sparsity >= 5x dense at batch 4096.
+  Hybrid 64x64 at 87.5% (75% of blocks pruned, 2:4 inside the kept ones): reported beside dense; its floors
+  are 1/8 of dense math and 9/64 of dense weight bytes (25% of blocks x 9/16).
 
 Floors on an H100 SXM (~3.0 TB/s measured copy bandwidth, ~800 TFLOP/s dense bf16/fp16 measured):
   * decode (batch 1-16) is weight-bandwidth bound. 4096x4096 fp16 dense = 33.6 MB -> 11.2 us;
@@ -57,7 +59,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench_cuda.py needs a CUDA GPU")
     import sparseprune.cuda as c
-    from sparseprune.formats import BlockSparseWeight
+    from sparseprune.formats import BlockSparseWeight, HybridWeight
     from tests.helpers import random_24_mask, random_block_mask
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -70,18 +72,25 @@ def main():
         wb = torch.randn(n, k).to(dtype)
         bsr = BlockSparseWeight.from_dense(wb, (64, 64), random_block_mask(n, k, (64, 64), 0.1))
         bv, bc, bcol = bsr.values.cuda(), bsr.crow.cuda(), bsr.col.cuda()
+        # hybrid 87.5%: keep 25% of the 64x64 blocks, 2:4 inside them
+        hyb = HybridWeight.from_dense(w.cpu(), (64, 64), random_block_mask(n, k, (64, 64), 0.25))
+        hv, hm = c.pack_hybrid_sm80(hyb)
+        hv, hm, hc, hcol = hv.cuda(), hm.cuda(), hyb.crow.cuda(), hyb.col.cuda()
         for b in map(int, args.batches.split(",")):
             x = torch.randn(b, k, device="cuda").to(dtype)
             t_dense = _bench(lambda: torch.nn.functional.linear(x, w))
             t_semi = _bench(lambda: c.cuda_semi24_linear(x, v, m, n))
             t_cslt = _bench(lambda: cslt(x)) if cslt else float("nan")
             t_bsr = _bench(lambda: c.cuda_bsr_linear(x, bv, bc, bcol, k))
+            t_hyb = _bench(lambda: c.cuda_hybrid_linear(x, hv, hm, hc, hcol, k))
             row = dict(device=dev, torch=torch.__version__, date=datetime.date.today().isoformat(), dtype=args.dtype,
                        N=n, K=k, batch=b, dense_ms=t_dense, semi24_ms=t_semi, cslt_ms=t_cslt, bsr90_64_ms=t_bsr,
-                       semi24_speedup=t_dense / t_semi, semi24_vs_cslt=t_cslt / t_semi, bsr_speedup=t_dense / t_bsr)
+                       hybrid875_64_ms=t_hyb, semi24_speedup=t_dense / t_semi, semi24_vs_cslt=t_cslt / t_semi,
+                       bsr_speedup=t_dense / t_bsr, hybrid_speedup=t_dense / t_hyb)
             rows.append(row)
             print(f"{n}x{k} b={b}: dense {t_dense:.4f} ms | semi24 {t_semi:.4f} ({row['semi24_speedup']:.2f}x, "
-                  f"{row['semi24_vs_cslt']:.2f}x of cuSPARSELt) | bsr90 {t_bsr:.4f} ({row['bsr_speedup']:.2f}x)")
+                  f"{row['semi24_vs_cslt']:.2f}x of cuSPARSELt) | bsr90 {t_bsr:.4f} ({row['bsr_speedup']:.2f}x) | "
+                  f"hybrid87.5 {t_hyb:.4f} ({row['hybrid_speedup']:.2f}x)")
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     new = not os.path.exists(args.csv)
     with open(args.csv, "a", newline="") as f:

@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from sparseprune.formats import BlockSparseWeight, Semi24Weight
+from sparseprune.formats import BlockSparseWeight, HybridWeight, Semi24Weight
 from sparseprune.modules import SparseLinear
-from tests.helpers import DTYPE_IDS, assert_matches_reference, random_24_mask, random_block_mask
+from tests.helpers import DTYPE_IDS, assert_matches_reference, random_24_mask, random_block_mask, random_weight
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16]
 BATCHES = [0, 1, 3, 8, 37, 256, 4099]
 SEMI_SHAPES = [(16, 32), (100, 36), (37, 4), (256, 1000), (4096, 512), (130, 4096)]
 BSR_SHAPES = [(64, 64, (16, 32)), (96, 128, (32, 32)), (256, 512, (64, 64)), (48, 96, (16, 96))]
+HYBRID_SHAPES = BSR_SHAPES + [(192, 320, (64, 64)), (64, 4096, (32, 64))]
 
 
 def _cuda():
@@ -69,6 +70,49 @@ def test_bsr_matches_reference(n, k, block, dtype):
             assert_matches_reference(y.cpu(), x, wd, bias)
 
 
+@pytest.fixture
+def poisoned(monkeypatch):
+    # unwritten output elements stay NaN and fail assert_matches_reference
+    monkeypatch.setenv("SPARSEPRUNE_POISON", "1")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={DTYPE_IDS[d]}")
+@pytest.mark.parametrize("n,k,block", HYBRID_SHAPES, ids=lambda v: str(v))
+def test_hybrid_matches_reference(n, k, block, dtype, poisoned):
+    c = _cuda()
+    for density in (0.0, 0.25, 1.0):
+        p, wd = random_weight("hybrid", n, k, dtype, block=block, density=density)
+        v, m = c.pack_hybrid_sm80(p)
+        vg, mg = c.pack_hybrid_sm80(HybridWeight(shape=p.shape, values=p.values.cuda(), meta=p.meta.cuda(),
+                                                 crow=p.crow.cuda(), col=p.col.cuda()))
+        assert torch.equal(vg.cpu().view(torch.int16), v.view(torch.int16)) and torch.equal(mg.cpu(), m)
+        crow, col = p.crow.cuda(), p.col.cuda()
+        for b in BATCHES:
+            x = torch.randn(b, k).to(dtype)
+            bias = torch.randn(n).to(dtype) if b % 2 else None
+            y = c.cuda_hybrid_linear(x.cuda(), vg, mg, crow, col, k, None if bias is None else bias.cuda())
+            assert_matches_reference(y.cpu(), x, wd, bias)
+
+
+@pytest.mark.parametrize("kind", ["bsr", "hybrid"])
+def test_corrupt_indices_never_read_out_of_bounds(kind):
+    # crow/col that slipped past validation: the kernels clamp crow and skip bad col without a host sync.
+    c = _cuda()
+    n, k, block = 128, 256, (32, 64)
+    p, _ = random_weight(kind, n, k, torch.float16, block=block, density=1.0)
+    crow, col = p.crow.clone(), p.col.clone()
+    col[0], col[1] = -3, k // block[1] + 7  # outside [0, K/bw)
+    crow[2] = 10**6  # past nnzb: clamped
+    x = torch.randn(4, k, device="cuda").half()
+    if kind == "bsr":
+        y = c.cuda_bsr_linear(x, p.values.cuda(), crow.cuda(), col.cuda(), k)
+    else:
+        v, m = c.pack_hybrid_sm80(p)
+        y = c.cuda_hybrid_linear(x, v.cuda(), m.cuda(), crow.cuda(), col.cuda(), k)
+    torch.cuda.synchronize()  # an out-of-bounds read would surface here (run under compute-sanitizer too)
+    assert y.shape == (4, n) and torch.isfinite(y).all()
+
+
 def test_refusals_name_what_is_missing():
     c = _cuda()
     w = _semi(32, 64, torch.float16)
@@ -81,32 +125,37 @@ def test_refusals_name_what_is_missing():
     assert "dtype" in c.CudaBackend().unsupported_reason(s, torch.device("cuda"))
     p = BlockSparseWeight.from_dense(torch.randn(32, 64).half(), (8, 8))
     assert "bh % 16" in c.CudaBackend().unsupported_reason(p, torch.device("cuda"))
+    h, _ = random_weight("hybrid", 32, 64, torch.float16, block=(16, 16))
+    assert "bw % 32" in c.CudaBackend().unsupported_reason(h, torch.device("cuda"))
 
 
-@pytest.mark.parametrize("kind", ["semi24", "bsr"])
-def test_sparse_linear_compile_and_graph(kind):
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: f"dtype={DTYPE_IDS[d]}")
+@pytest.mark.parametrize("kind", ["semi24", "bsr", "hybrid"])
+def test_sparse_linear_compile_and_graph(kind, dtype):
     _cuda()
     n, k = 256, 512
-    w = torch.randn(n, k).half()
+    w = torch.randn(n, k).to(dtype)
     if kind == "semi24":
         p = Semi24Weight.from_dense(w * random_24_mask(n, k))
-    else:
+    elif kind == "bsr":
         p = BlockSparseWeight.from_dense(w, (64, 64), random_block_mask(n, k, (64, 64), 0.3))
+    else:
+        p = HybridWeight.from_dense(w * random_24_mask(n, k), (64, 64), random_block_mask(n, k, (64, 64), 0.3))
     wd = p.to_dense().float()
-    bias = torch.randn(n).half()
+    bias = torch.randn(n).to(dtype)
     mod = SparseLinear(p, bias, backend="cpu").cuda().set_backend("cuda")
     assert mod.backend == "cuda"
-    x = torch.randn(5, 7, k, device="cuda").half()
+    x = torch.randn(5, 7, k, device="cuda").to(dtype)
     assert_matches_reference(mod(x).cpu(), x.cpu(), wd, bias)
     comp = torch.compile(mod, fullgraph=True)
     assert_matches_reference(comp(x).cpu(), x.cpu(), wd, bias)
-    xs = torch.randn(3, k, device="cuda").half()  # small batch: split-K path and its workspace
+    xs = torch.randn(3, k, device="cuda").to(dtype)  # small batch: split-K path and its workspace
     mod(xs)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         ys = mod(xs)
-    xs.copy_(torch.randn(3, k, device="cuda").half())
+    xs.copy_(torch.randn(3, k, device="cuda").to(dtype))
     g.replay()
     torch.cuda.synchronize()
     assert_matches_reference(ys.cpu(), xs.cpu(), wd, bias)
@@ -121,3 +170,7 @@ def test_opcheck():
     p = BlockSparseWeight.from_dense(torch.randn(64, 128).half(), (32, 32))
     torch.library.opcheck(torch.ops.sparseprune.cuda_bsr_linear.default,
                           (x, p.values.cuda(), p.crow.cuda(), p.col.cuda(), 128, None))
+    h, _ = random_weight("hybrid", 64, 128, torch.float16, block=(32, 64), density=0.5)
+    hv, hm = c.pack_hybrid_sm80(h)
+    torch.library.opcheck(torch.ops.sparseprune.cuda_hybrid_linear.default,
+                          (x, hv.cuda(), hm.cuda(), h.crow.cuda(), h.col.cuda(), 128, None))
