@@ -237,3 +237,26 @@ def test_load_onto_gpu_model(tmp_path):
     assert fresh[0].values.is_cuda and fresh[0].backend != "cpu"
     x = torch.randn(4, 64, dtype=torch.float16)
     torch.testing.assert_close(fresh(x.cuda()).cpu(), model(x), rtol=2e-2, atol=2e-2)
+
+
+def test_permuted_llama_round_trip(tmp_path):
+    """convert(permute=True) folds channel orders into producers or keeps in_perm: both survive save/load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    fresh = copy.deepcopy(model)
+    sparseprune.convert(model, "2:4", exclude=["lm_head"], permute=True, backend="cpu")
+    path = tmp_path / "llama.safetensors"
+    config = sparseprune.save(model, path)
+    assert len(config["layers"]) == 14
+    sparseprune.load(path, fresh)
+    for name, m in model.named_modules():
+        if isinstance(m, SparseLinear):
+            other = fresh.get_submodule(name)
+            assert (m.in_perm is None) == (other.in_perm is None), name
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
