@@ -5,7 +5,7 @@ backend that can run its weight on its device ("cpu"; "cuda"/"triton" on GPUs; a
 timed against dense at the edges of the batch buckets 1 | 2-8 | 9-64 | 65-512 | 513+ (rows =
 ``x.numel() / in_features``), measured at 1, 8, 64, 512 and 1024 rows. Runs are interleaved and
 the ratio of each candidate's best time to dense's best time is kept (interference on a shared
-machine only adds time), a few ms per candidate and size (at least 5 runs each). A sparse backend
+machine only adds time), a few ms per candidate and size (at least 5 runs each, 2 for calls over 20 ms). A sparse backend
 takes a bucket only if it is no slower than dense (within ``SLACK``) at both edges of that bucket;
 otherwise the bucket runs dense, so "auto" is never slower than the dense model beyond noise.
 
@@ -46,6 +46,7 @@ BUCKET_POINTS = ((0,), (0, 1), (1, 2), (2, 3), (3, 4))
 SLACK = 0.03
 BUDGET_S = 0.004  # per candidate and measured size, after one warm-up call
 MIN_REPS, MAX_REPS = 5, 50
+LONG_CALL_S = 0.02  # a call this long is timed 2 times, not MIN_REPS
 
 _lock = threading.RLock()  # tuning mutates modules and caches; forward threads may race to it
 _memory_cache: dict[str, tuple[str, ...]] = {}
@@ -126,8 +127,14 @@ def measure(module, candidates, rows_list=MEASURE_ROWS, budget_s=BUDGET_S) -> di
                 x = torch.randn(rows, module.in_features, device=device).to(module.dtype)
                 fns = {c: (lambda b=_backends.get_backend(c): b.forward(module, x)) for c in candidates}
                 times = {c: [] for c in candidates}
+                _sync(device)
+                t_warm = time.perf_counter()
                 for c in candidates:  # warm-up (first-call allocations, lazy init)
                     fns[c]()
+                _sync(device)
+                # Calls long enough to time reliably (big layers at 1024 rows) need fewer runs; this
+                # keeps tuning a 4096x11008 layer to seconds rather than minutes on a small CPU.
+                min_reps = MIN_REPS if time.perf_counter() - t_warm < LONG_CALL_S * len(candidates) else 2
                 start = time.perf_counter()
                 for rep in range(MAX_REPS):
                     for c in candidates:
@@ -136,7 +143,7 @@ def measure(module, candidates, rows_list=MEASURE_ROWS, budget_s=BUDGET_S) -> di
                         fns[c]()
                         _sync(device)
                         times[c].append(time.perf_counter() - t0)
-                    if rep + 1 >= MIN_REPS and time.perf_counter() - start > budget_s * len(candidates):
+                    if rep + 1 >= min_reps and time.perf_counter() - start > budget_s * len(candidates):
                         break
                 # Ratio of best times: on a shared machine, bursts of interference only ever add time,
                 # so each candidate's fastest run is its least disturbed one.
