@@ -115,9 +115,10 @@ def test_llama_mlp_fold_and_equivalence():
     ids = [torch.randint(0, 256, (2, 12)) for _ in range(2)]
     masked = copy.deepcopy(model)
     sparseprune.prune(masked, "2:4", method="wanda", calibration=ids, include="model.layers.*", permute=True)
-    conv = copy.deepcopy(model)
-    sparseprune.convert(conv, "2:4", method="wanda", calibration=ids, include="model.layers.*", permute=True,
-                        backend="cpu")
+    # prune-then-convert: weights pack as they are, in their remembered order (folded where known)
+    conv = copy.deepcopy(masked)
+    sparseprune.convert(conv, "2:4", include="model.layers.*", backend="cpu")
+    assert all(lr.status == "packed-as-is" for lr in conv.sparseprune_report.layers)
     assert conv.model.layers[0].mlp.down_proj.in_perm is None
     assert conv.model.layers[0].self_attn.q_proj.in_perm is not None
     with torch.no_grad():
