@@ -46,5 +46,5 @@ def cpu_isas():
     """ISA levels this CPU can run; tests run the CPU kernels at each level."""
     info = sparseprune.build_info()
     best = info["cpu_isa_active"]
-    order = ["generic", "avx2", "avx512"]
+    order = ["generic", "avx2", "avx512", "avx512bf16"]
     return order[: order.index(best) + 1]

@@ -5,6 +5,11 @@ batch tiles of 4 vectors (tails of 1..4 vectors), register-block 4 (AVX-512) or 
 2:4 rows in SIMD chunks of 8 (AVX-512) / 4 (AVX2) groups with a scalar tail, tile semi24 into 256
 row chunks and 64-input K tiles, and split rows between threads. The shapes below hit each of
 those edges at every ISA level this CPU runs.
+
+At avx512bf16 the bf16 tiled path multiplies bf16 pairs with vdpbf16ps: x as pair words (BSR: adjacent
+inputs, odd block widths fall back to the widening path) or, for 2:4, a per-group table of the 6
+position pairs plus 4 diagonal pairs for malformed codes; weights prepared 16 groups at a time, 4
+batch tiles per synchronisation.
 """
 
 import pytest
@@ -56,7 +61,7 @@ def test_semi24_paths(isa, n, k, dtype):
 
 # BSR: block widths 4..128 incl. widths that are not a multiple of any vector width (12, 20),
 # bh = 1 and bh not a multiple of the row block (3, 5).
-BSR_BLOCKS = [(1, 4), (1, 32), (3, 12), (4, 8), (5, 20), (8, 16), (16, 32), (32, 32), (8, 64), (2, 128)]
+BSR_BLOCKS = [(1, 4), (1, 32), (3, 12), (4, 8), (5, 20), (8, 16), (16, 32), (32, 32), (8, 64), (2, 128), (3, 7)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
@@ -107,16 +112,27 @@ def _raw_semi24_reference(x, values, meta, k):
     return (xs * values.double()).sum(-1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("k", [12, 64, 200])
-def test_semi24_any_meta_bytes(isa, k):
-    """Malformed codes (p0 >= p1) are memory-safe and computed literally, on both paths."""
+def test_semi24_any_meta_bytes(isa, k, dtype):
+    """Malformed codes (p0 >= p1) are memory-safe and computed literally, on both paths (bf16 tiles:
+    swapped pairs and the diagonal table rows)."""
     n = 9
-    values = torch.randn(n, k // 2)
+    values = torch.randn(n, k // 2).to(dtype)
     meta = torch.randint(0, 256, (n, (k + 7) // 8), dtype=torch.uint8)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2  # bf16: one output rounding (2^-8 relative)
     for b in (1, 3, 70):
-        x = torch.randn(b, k)
+        x = torch.randn(b, k).to(dtype)
         y = semi24.semi24_linear(x, values, meta)
-        torch.testing.assert_close(y.double(), _raw_semi24_reference(x, values, meta, k), rtol=1e-4, atol=1e-4)
+        ref = _raw_semi24_reference(x, values, meta, k)
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.parametrize("kind", ["semi24", "bsr", "hybrid"])
+def test_bf16_super_tiles(isa, kind):
+    """Batches over 4 and 8 tiles of 64 (bf16 pair tables are built 4 tiles at a time, fp32 xT 8)."""
+    packed, wd = random_weight(kind, 96, 256, torch.bfloat16, block=(16, 32), density=0.5)
+    _check_batches(kind, packed, wd, 256, torch.bfloat16, batches=[257, 300, 577])
 
 
 @pytest.mark.parametrize("kind", ["semi24", "bsr", "hybrid"])

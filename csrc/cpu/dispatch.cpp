@@ -1,5 +1,5 @@
 // Picks the kernel build for the CPU we are running on (never the one we were compiled on).
-// SPARSEPRUNE_CPU_ISA=generic|avx2|avx512 forces a lower level, which is how the tests cover
+// SPARSEPRUNE_CPU_ISA=generic|avx2|avx512|avx512bf16 forces a lower level, which is how the tests cover
 // every code path on one machine; asking for a level the CPU lacks falls back to the best one.
 #include <cstdlib>
 #include <cstring>
@@ -16,11 +16,12 @@
 SP_DECLARE_ISA(generic)
 SP_DECLARE_ISA(avx2)
 SP_DECLARE_ISA(avx512)
+SP_DECLARE_ISA(avx512bf16)
 
 namespace sparseprune::cpu {
 namespace {
 
-enum class Isa { Generic, Avx2, Avx512 };
+enum class Isa { Generic, Avx2, Avx512, Avx512Bf16 };
 
 Isa detect() {
   __builtin_cpu_init();
@@ -30,9 +31,15 @@ Isa detect() {
   if (best == Isa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     best = Isa::Avx512;
+  // AVX512-BF16 (vdpbf16ps): Cooper Lake, Sapphire Rapids and later, Zen 4 and later. GCC >= 12 knows the name.
+  if (best == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) best = Isa::Avx512Bf16;
   if (const char* want = std::getenv("SPARSEPRUNE_CPU_ISA")) {
-    if (!std::strcmp(want, "generic")) return Isa::Generic;
-    if (!std::strcmp(want, "avx2") && best != Isa::Generic) return Isa::Avx2;
+    Isa w = best;
+    if (!std::strcmp(want, "generic")) w = Isa::Generic;
+    else if (!std::strcmp(want, "avx2")) w = Isa::Avx2;
+    else if (!std::strcmp(want, "avx512")) w = Isa::Avx512;
+    else if (!std::strcmp(want, "avx512bf16")) w = Isa::Avx512Bf16;
+    if (int(w) < int(best)) return w;  // never a level the CPU lacks
   }
   return best;
 }
@@ -44,6 +51,7 @@ Isa isa() { return detect(); }
 
 const char* active_isa_name() {
   switch (isa()) {
+    case Isa::Avx512Bf16: return "avx512bf16";
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
     default: return "generic";
@@ -52,6 +60,7 @@ const char* active_isa_name() {
 
 #define SP_DISPATCH(fn, ...)                          \
   switch (isa()) {                                    \
+    case Isa::Avx512Bf16: return avx512bf16::fn(__VA_ARGS__); \
     case Isa::Avx512: return avx512::fn(__VA_ARGS__); \
     case Isa::Avx2: return avx2::fn(__VA_ARGS__);     \
     default: return generic::fn(__VA_ARGS__);         \

@@ -152,4 +152,120 @@ SP_INLINE void semi_tile(const float* const* w, const uint8_t* const* m, int64_t
     _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) vst(part + r * BT + v * VW, acc[r][v]);
 }
 
+#if defined(__AVX512BF16__)
+// ---------------------------------------------------------------- bf16 tiles (AVX512-BF16)
+// vdpbf16ps adds a.bf16[2i] * b.bf16[2i] + a.bf16[2i+1] * b.bf16[2i+1] into fp32 lane i, so x is
+// stored as bf16 PAIRS per batch column: one 32-bit word (low half = first input) per column, BT
+// columns per pair row (4 zmm). A weight pair is broadcast as one 32-bit word. bf16 x bf16 products
+// are exact in fp32; like the fp32 path, sums are fp32 and the output is rounded once.
+// (vdpbf16ps flushes bf16 denormals, ~1e-38, to zero: far below the bf16 output precision.)
+typedef uint32_t u32a __attribute__((aligned(64)));
+
+SP_INLINE __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+SP_INLINE uint32_t ld32(const uint16_t* p) {
+  uint32_t u;
+  std::memcpy(&u, p, 4);
+  return u;
+}
+
+// BSR: xs = pair rows xP[kp][BT] (word = x[2kp] | x[2kp+1] << 16), w = bf16 block rows (stride ldw);
+// nkp = bw / 2 pairs. Each xP row load feeds R*NV dot products (2 MACs per lane each).
+template <int R, int NV>
+SP_INLINE void bsr_tile_bf16(const uint16_t* w, int64_t ldw, int64_t nkp, const uint32_t* xs, float* part) {
+  __m512 acc[R][NV];
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_load_ps(part + r * BT + v * VW);
+  for (int64_t c = 0; c < nkp; ++c) {
+    __m512i xv[NV];
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) xv[v] = _mm512_load_si512(xs + c * BT + v * VW);
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+      const __m512i wb = _mm512_set1_epi32(int(ld32(w + r * ldw + 2 * c)));
+      _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) acc[r][v] = dpbf16(acc[r][v], wb, xv[v]);
+    }
+  }
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) _mm512_store_ps(part + r * BT + v * VW, acc[r][v]);
+}
+
+// 2:4 in bf16: per batch tile, a pair table holds for every group g the 6 ordered position pairs
+// (0,1) (0,2) (0,3) (1,2) (1,3) (2,3) as pair rows xC[g][6][BT], followed (after all G groups) by the 4
+// diagonal pairs (p,p) of every group, xD[g][4][BT], which only malformed codes use (kept apart so the
+// rows valid codes read are contiguous). A group's two kept weights form one pair word, so one
+// vdpbf16ps does both against the two selected inputs: half the loads and FMAs of the fp32 tile.
+constexpr int kSlots = 6, kDiag = 4, kCombos = kSlots + kDiag;
+constexpr int kPrepG = 16;  // groups per prepared entry row (one zmm of pair words / offsets)
+
+// Prepares ng <= 16 groups of one row: wp[g] = weight pair word (halves swapped when the code has
+// p0 > p1, which then reads the (p1, p0) row), op[g] = offset (uint32 units) of the group's pair row
+// from xs = xC + g_first * 6 * BT; dbase = offset of group g_first's diagonal rows from xs.
+// m points at the byte holding group 0 (low nibble).
+SP_INLINE void semi_prep_bf16(const uint16_t* w, const uint8_t* m, int64_t ng, int32_t dbase, uint32_t* wp,
+                              int32_t* op) {
+  // nibble p0 | p1 << 2 -> row offset among the group's 6 (or 4 diagonal) rows, and which nibbles
+  // have p0 > p1 (weights swapped) or p0 == p1 (diagonal).
+  const __m512i slot = _mm512_setr_epi32(0, 0, 1 * BT, 2 * BT, 0, 1 * BT, 3 * BT, 4 * BT, 1 * BT, 3 * BT, 2 * BT,
+                                         5 * BT, 2 * BT, 4 * BT, 5 * BT, 3 * BT);
+  constexpr int kSwap = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6) | (1 << 7) | (1 << 11);
+  constexpr int kDiagNib = (1 << 0) | (1 << 5) | (1 << 10) | (1 << 15);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i one = _mm512_set1_epi32(1);
+  uint64_t mw = 0;  // fixed-size copies: a variable-size memcpy becomes a libc call
+  if (ng == kPrepG) {
+    std::memcpy(&mw, m, 8);
+  } else if (ng == kPrepG / 2) {
+    uint32_t h;
+    std::memcpy(&h, m, 4);
+    mw = h;
+  } else {
+    for (int64_t i = 0; i < (ng + 1) / 2; ++i) mw |= uint64_t(m[i]) << (8 * i);
+  }
+  const __mmask16 live = ng == kPrepG ? __mmask16(0xFFFF) : __mmask16((1u << ng) - 1);
+  const __m512i nib = _mm512_and_si512(
+      _mm512_srlv_epi32(_mm512_permutexvar_epi32(half, _mm512_set1_epi64(int64_t(mw))), sh), _mm512_set1_epi32(15));
+  const __mmask16 swap = _mm512_test_epi32_mask(_mm512_srlv_epi32(_mm512_set1_epi32(kSwap), nib), one);
+  const __mmask16 diag = _mm512_test_epi32_mask(_mm512_srlv_epi32(_mm512_set1_epi32(kDiagNib), nib), one);
+  // main: g * 6 * BT + slot; diagonal: dbase + g * 4 * BT + p * BT (p = nib & 3, as BT = 64 = 1 << 6)
+  const __m512i g6 = _mm512_add_epi32(_mm512_slli_epi32(lane, 8), _mm512_slli_epi32(lane, 7));  // g * 384
+  __m512i off = _mm512_add_epi32(g6, _mm512_permutexvar_epi32(nib, slot));
+  const __m512i dg = _mm512_add_epi32(_mm512_set1_epi32(dbase),
+                                      _mm512_add_epi32(_mm512_slli_epi32(lane, 8),
+                                                       _mm512_slli_epi32(_mm512_and_si512(nib, _mm512_set1_epi32(3)), 6)));
+  off = _mm512_mask_mov_epi32(off, diag, dg);
+  __m512i wv = _mm512_maskz_loadu_epi32(live, w);
+  wv = _mm512_mask_ror_epi32(wv, swap, wv, 16);
+  _mm512_store_si512(wp, wv);
+  _mm512_store_si512(op, off);
+}
+static_assert(BT == 64 && kSlots * BT == 384 && kDiag * BT == 256, "semi_prep_bf16 offsets assume BT = 64");
+
+// Prefetches a pair table segment of ng groups (its 6 main rows per group), e.g. the next block's.
+SP_INLINE void prefetch_pairs(const uint32_t* xs, int64_t ng, int nv) {
+  const char* b = reinterpret_cast<const char*>(xs);
+  for (int64_t g = 0; g < ng * kSlots; ++g)
+    for (int v = 0; v < nv; ++v) __builtin_prefetch(b + (g * BT + v * VW) * 4, 0, 3);
+}
+
+// part[r] += prepared 2:4 row r (entries wp/op + r * kPrepG) times the pair table segment xs.
+template <int R, int NV>
+SP_INLINE void semi_tile_bf16(const uint32_t* wp, const int32_t* op, int64_t ng, const uint32_t* xs, float* part) {
+  __m512 acc[R][NV];
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_load_ps(part + r * BT + v * VW);
+  for (int64_t g = 0; g < ng; ++g) {
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+      const __m512i wb = _mm512_set1_epi32(int(wp[r * kPrepG + g]));
+      const uint32_t* xr = xs + op[r * kPrepG + g];
+      _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v)
+        acc[r][v] = dpbf16(acc[r][v], wb, _mm512_load_si512(xr + v * VW));
+    }
+  }
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 16") for (int v = 0; v < NV; ++v) _mm512_store_ps(part + r * BT + v * VW, acc[r][v]);
+}
+#endif  // __AVX512BF16__
+
 }  // namespace sparseprune::cpu::SP_ISA

@@ -1,11 +1,12 @@
-// Compiled once per ISA level (SP_ISA = generic | avx2 | avx512, see CMakeLists.txt).
+// Compiled once per ISA level (SP_ISA = generic | avx2 | avx512 | avx512bf16, see CMakeLists.txt).
 //
 // Each op has two paths, chosen by batch size:
 //  * small B (kGemvMax*): GEMV. Weights are streamed once per group of up to 4 x rows (memory-bound).
 //  * otherwise: tiled. x is transposed into xT[K][BT] fp32 tiles (shared by the threads, up to 8
 //    tiles at a time); pieces of output rows are handed out dynamically and run all those tiles.
-// All arithmetic is fp32; every output is rounded once to the dtype. Meta codes are 2 bits per
-// position, so any byte value keeps reads inside their group of 4.
+// All sums are fp32; every output is rounded once to the dtype. At avx512bf16 the bf16 tiled path
+// multiplies bf16 pairs with vdpbf16ps (exact products, fp32 sums) instead of widening first.
+// Meta codes are 2 bits per position, so any byte value keeps reads inside their group of 4.
 #include <omp.h>
 
 #include <algorithm>
@@ -195,9 +196,151 @@ void semi24_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* m
   }
 }
 
+#if defined(__AVX512BF16__)
+// ================================================================== bf16 tiles with vdpbf16ps
+// Same drivers as the fp32 tiles, but x is laid out as bf16 pair words (kern_sparse.h) and the
+// weights are used as stored (pairs of bf16), so nothing is widened to fp32 before the FMA.
+
+// Pair rows xP[kp][BT] (word = x[2kp] | x[2kp+1] << 16) of batch tiles [t0, t0 + ntile), tile t at
+// xP + t * (K / 2) * BT; K even. Lanes past the last batch row up to a whole vector are zero.
+void pair_tiles(const LinearProblem& p, int64_t t0, int64_t ntile, uint32_t* xP) {
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  const int64_t KP = p.K / 2;
+  constexpr int64_t KB = 32;
+  const int64_t nkb = (KP + KB - 1) / KB;
+#pragma omp for schedule(dynamic, 8)
+  for (int64_t u = 0; u < ntile * nkb; ++u) {
+    const int64_t t = u / nkb, kb = (u % nkb) * KB, ke = std::min(KP, kb + KB);
+    const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nvw = (nb + VW - 1) / VW * VW;
+    uint32_t* xt = xP + t * KP * BT;
+    for (int64_t j = 0; j < nb; ++j) {
+      const uint16_t* xr = x + (b0 + j) * p.K;
+      for (int64_t k = kb; k < ke; ++k) xt[k * BT + j] = ld32(xr + 2 * k);
+    }
+    for (int64_t j = nb; j < nvw; ++j)
+      for (int64_t k = kb; k < ke; ++k) xt[k * BT + j] = 0;
+  }
+}
+
+// 2:4 pair tables (xC[G][6][BT], then xD[G][4][BT], see kern_sparse.h) of batch tiles [t0, t0 + ntile), tile t at xC + t * G * kCombos * BT.
+void combo_tiles(const LinearProblem& p, int64_t t0, int64_t ntile, uint32_t* xC) {
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  const int64_t G = p.K / 4;
+  constexpr int64_t GB = 8;  // 8 groups x 10 slots x 256 B = 20 KB written per piece, stays in L1
+  const int64_t ngb = (G + GB - 1) / GB;
+#pragma omp for schedule(dynamic, 8)
+  for (int64_t u = 0; u < ntile * ngb; ++u) {
+    const int64_t t = u / ngb, gb = (u % ngb) * GB, ge = std::min(G, gb + GB);
+    const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nvw = (nb + VW - 1) / VW * VW;
+    uint32_t* xt = xC + t * G * kCombos * BT;
+    for (int64_t j = 0; j < nb; ++j) {
+      const uint16_t* xr = x + (b0 + j) * p.K;
+      for (int64_t g = gb; g < ge; ++g) {
+        const uint32_t a = xr[4 * g], b = xr[4 * g + 1], c = xr[4 * g + 2], d = xr[4 * g + 3];
+        uint32_t* o = xt + g * kSlots * BT + j;
+        o[0 * BT] = a | b << 16;
+        o[1 * BT] = a | c << 16;
+        o[2 * BT] = a | d << 16;
+        o[3 * BT] = b | c << 16;
+        o[4 * BT] = b | d << 16;
+        o[5 * BT] = c | d << 16;
+        uint32_t* od = xt + G * kSlots * BT + g * kDiag * BT + j;
+        od[0 * BT] = a | a << 16;
+        od[1 * BT] = b | b << 16;
+        od[2 * BT] = c | c << 16;
+        od[3 * BT] = d | d << 16;
+      }
+    }
+    for (int64_t j = nb; j < nvw; ++j)
+      for (int64_t g = gb; g < ge; ++g) {
+        for (int s = 0; s < kSlots; ++s) xt[(g * kSlots + s) * BT + j] = 0;
+        for (int s = 0; s < kDiag; ++s) xt[(G * kSlots + g * kDiag + s) * BT + j] = 0;
+      }
+  }
+}
+
+// The pair tables are 2.5x the size of fp32 xT: fewer batch tiles per synchronisation.
+constexpr int64_t kSuperTilesBf16 = 4;
+
+template <int NV> void semi_rows_bf16(const uint32_t* wp, const int32_t* op, int64_t nr, int64_t ng,
+                                      const uint32_t* xs, float* part) {
+  int64_t r = 0;
+  for (; r + RB <= nr; r += RB) semi_tile_bf16<RB, NV>(wp + r * kPrepG, op + r * kPrepG, ng, xs, part + r * BT);
+  for (; r < nr; ++r) semi_tile_bf16<1, NV>(wp + r * kPrepG, op + r * kPrepG, ng, xs, part + r * BT);
+}
+
+// Groups per K tile of the bf16 semi24 tiles (<= kPrepG, even): the table rows of one K tile
+// (kSemiGBf16 x 6 x 256 B) are reused by all rows of a chunk from L1.
+#ifndef SP_SEMI_G_BF16
+#define SP_SEMI_G_BF16 16
+#endif
+constexpr int64_t kSemiGBf16 = SP_SEMI_G_BF16;
+
+void semi24_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uint8_t* meta, int64_t ms) {
+  const int64_t K = p.K, N = p.N, G = K / 4;
+  const int64_t ntiles = (p.B + BT - 1) / BT, st = std::min(kSuperTilesBf16, ntiles);
+  const int64_t nchunks = (N + kRowChunk - 1) / kRowChunk, tsz = G * kCombos * BT;
+  Scratch xC(st * tsz);
+  uint32_t* xc = reinterpret_cast<uint32_t*>(xC.p);
+#pragma omp parallel
+  {
+    Scratch part(kRowChunk * BT);
+    Scratch ent(4 * RB * kPrepG);
+    uint32_t* wp = reinterpret_cast<uint32_t*>(ent.p);
+    int32_t* op = reinterpret_cast<int32_t*>(ent.p + 2 * RB * kPrepG);
+    for (int64_t t0 = 0; t0 < ntiles; t0 += st) {
+      const int64_t nth = std::min(st, ntiles - t0);
+      combo_tiles(p, t0, nth, xc);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t c0 = c * kRowChunk, nr = std::min(kRowChunk, N - c0);
+        for (int64_t t = 0; t < nth; ++t) {
+          const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
+          std::memset(part.p, 0, sizeof(float) * kRowChunk * BT);
+          for (int64_t g0 = 0; g0 < G; g0 += kSemiGBf16) {
+            const int64_t ng = std::min<int64_t>(kSemiGBf16, G - g0);
+            const uint32_t* xs = xc + t * tsz + g0 * kSlots * BT;
+            const int32_t dbase = int32_t(G * kSlots * BT + g0 * (kDiag - kSlots) * BT);
+            // Entries are prepared one row group ahead (double buffer): the tile reads them as scalars,
+            // and a scalar load right after the vector store that wrote it stalls on forwarding.
+            auto prep = [&](int64_t r0, int buf) {
+              const int64_t rg = std::min<int64_t>(RB, nr - r0);
+              for (int64_t r = r0; r < r0 + rg; ++r) {
+                const uint16_t* src = values + (c0 + r) * (K / 2) + 2 * g0;
+                const uint8_t* mr = meta + (c0 + r) * ms + g0 / 2;
+                if (g0 + kSemiGBf16 < G) {  // see semi24_tiled: prefetch this row's next K tile
+                  __builtin_prefetch(src + 2 * kSemiGBf16, 0, 2);
+                  __builtin_prefetch(mr + kSemiGBf16 / 2, 0, 2);
+                }
+                semi_prep_bf16(src, mr, ng, dbase, wp + (buf * RB + r - r0) * kPrepG, op + (buf * RB + r - r0) * kPrepG);
+              }
+            };
+            prep(0, 0);
+            int buf = 0;
+            for (int64_t r0 = 0; r0 < nr; r0 += RB, buf ^= 1) {
+              const int64_t rg = std::min<int64_t>(RB, nr - r0);
+              if (r0 + RB < nr) prep(r0 + RB, buf ^ 1);
+              const uint32_t* wpb = wp + buf * RB * kPrepG;
+              const int32_t* opb = op + buf * RB * kPrepG;
+#define SP_CALL(NV) semi_rows_bf16<NV>(wpb, opb, rg, ng, xs, part.p + r0 * BT)
+              SP_NV_SWITCH(nv, SP_CALL)
+#undef SP_CALL
+            }
+          }
+          finalize<DType::BF16>(p, part.p, c0, nr, b0, nb);
+        }
+      }  // implicit barrier: xC is rewritten for the next super-tile
+    }
+  }
+}
+#endif  // __AVX512BF16__
+
 template <DType DT> void semi24_impl(const LinearProblem& p, const void* values, const uint8_t* meta, int64_t ms) {
   const T_<DT>* v = static_cast<const T_<DT>*>(values);
   if (p.B <= kGemvMaxSemi) semi24_gemv<DT>(p, v, meta, ms);
+#if defined(__AVX512BF16__)
+  else if constexpr (DT == DType::BF16) semi24_tiled_bf16(p, v, meta, ms);
+#endif
   else semi24_tiled<DT>(p, v, meta, ms);
 }
 
@@ -312,11 +455,84 @@ void block_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* me
   }
 }
 
+#if defined(__AVX512BF16__)
+template <int NV> void bsr_rows_bf16(const uint16_t* w, int64_t bh, int64_t bw, const uint32_t* xs, float* part) {
+  int64_t r = 0;
+  for (; r + RB <= bh; r += RB) bsr_tile_bf16<RB, NV>(w + r * bw, bw, bw / 2, xs, part + r * BT);
+  for (; r < bh; ++r) bsr_tile_bf16<1, NV>(w + r * bw, bw, bw / 2, xs, part + r * BT);
+}
+
+// block_tiled for bf16 with vdpbf16ps. BSR needs an even block width (pairs of inputs); hybrid
+// widths are multiples of 8. Weights are read as stored: no per-block conversion.
+template <bool SEMI>
+void block_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uint8_t* meta, const int32_t* crow,
+                      const int32_t* col, int64_t bh, int64_t bw) {
+  const int64_t nbr = p.N / bh;
+  const int64_t wlen = SEMI ? bh * (bw / 2) : bh * bw;
+  const int64_t K = p.K, G = K / 4, ntiles = (p.B + BT - 1) / BT, chunk = piece(nbr);
+  const int64_t st = std::min(SEMI ? kSuperTilesBf16 : kSuperTiles, ntiles);
+  const int64_t tsz = SEMI ? (K / 4) * kCombos * BT : (K / 2) * BT;
+  Scratch xT(st * tsz);
+  uint32_t* xt = reinterpret_cast<uint32_t*>(xT.p);
+#pragma omp parallel
+  {
+    Scratch part(bh * BT);
+    Scratch ent(SEMI ? 2 * bh * kPrepG : 1);
+    uint32_t* wp = reinterpret_cast<uint32_t*>(ent.p);
+    int32_t* op = reinterpret_cast<int32_t*>(ent.p + bh * kPrepG);
+    for (int64_t t0 = 0; t0 < ntiles; t0 += st) {
+      const int64_t nth = std::min(st, ntiles - t0);
+      if constexpr (SEMI) combo_tiles(p, t0, nth, xt);
+      else pair_tiles(p, t0, nth, xt);
+#pragma omp for schedule(dynamic, chunk)
+      for (int64_t br = 0; br < nbr; ++br) {
+        for (int64_t t = 0; t < nth; ++t) {
+          const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
+          const uint32_t* xtile = xt + t * tsz;
+          std::memset(part.p, 0, sizeof(float) * bh * BT);
+          for (int64_t i = crow[br]; i < crow[br + 1]; ++i) {
+            const uint16_t* w = values + i * wlen;
+            if constexpr (SEMI) {
+              // The pair rows a block reads depend on its codes, which the hardware prefetcher cannot
+              // follow: fetch the next block's segment while this one computes.
+              if (i + 1 < crow[br + 1]) prefetch_pairs(xtile + int64_t(col[i + 1]) * (bw / 4) * kSlots * BT, bw / 4, int(nv));
+              for (int64_t gc = 0; gc < bw / 4; gc += kPrepG) {
+                const int64_t ng = std::min<int64_t>(kPrepG, bw / 4 - gc), gs = int64_t(col[i]) * (bw / 4) + gc;
+                const int32_t dbase = int32_t(G * kSlots * BT + gs * (kDiag - kSlots) * BT);
+                for (int64_t r = 0; r < bh; ++r)
+                  semi_prep_bf16(w + r * (bw / 2) + 2 * gc, meta + (i * bh + r) * (bw / 8) + gc / 2, ng, dbase,
+                                 wp + r * kPrepG, op + r * kPrepG);
+                const uint32_t* xs = xtile + gs * kSlots * BT;
+#define SP_CALL(NV) semi_rows_bf16<NV>(wp, op, bh, ng, xs, part.p)
+                SP_NV_SWITCH(nv, SP_CALL)
+#undef SP_CALL
+              }
+            } else {
+              const uint32_t* xs = xtile + int64_t(col[i]) * (bw / 2) * BT;
+#define SP_CALL(NV) bsr_rows_bf16<NV>(w, bh, bw, xs, part.p)
+              SP_NV_SWITCH(nv, SP_CALL)
+#undef SP_CALL
+            }
+          }
+          finalize<DType::BF16>(p, part.p, br * bh, bh, b0, nb);
+        }
+      }  // implicit barrier: the tables are rewritten for the next super-tile
+    }
+  }
+}
+#endif  // __AVX512BF16__
+
 template <bool SEMI, DType DT>
 void block_impl(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
                 const int32_t* col, int64_t bh, int64_t bw) {
   const T_<DT>* v = static_cast<const T_<DT>*>(values);
   if (p.B <= (SEMI ? kGemvMaxSemi : kGemvMaxBsr)) block_gemv<SEMI, DT>(p, v, meta, crow, col, bh, bw);
+#if defined(__AVX512BF16__)
+  else if constexpr (DT == DType::BF16) {
+    if (SEMI || bw % 2 == 0) block_tiled_bf16<SEMI>(p, v, meta, crow, col, bh, bw);
+    else block_tiled<SEMI, DT>(p, v, meta, crow, col, bh, bw);
+  }
+#endif
   else block_tiled<SEMI, DT>(p, v, meta, crow, col, bh, bw);
 }
 
