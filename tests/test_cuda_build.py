@@ -128,7 +128,8 @@ def test_bsr_kernels_use_dense_tensor_cores(build):
 def test_no_register_spills(build):
     log = build["ptxas"]
     props = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert len(props) >= 2 * (16 + 24 + 24), f"ptxas -v printed too few function reports:\n{log[:2000]}"
+    # semi24 16 + hybrid 24 + bsr 24 kernel instances (both archs), plus packer and split-K reduce
+    assert len(props) >= 16 + 24 + 24, f"ptxas -v printed too few function reports:\n{log[:2000]}"
     assert all(s == "0" and l == "0" for s, l in props), f"register spills:\n{log}"
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
     assert max(regs) <= 255
