@@ -20,9 +20,13 @@ namespace sparseprune::cpu::SP_ISA {
 
 namespace {
 
-// Largest batch served by the GEMV path, measured on Zen 5 (1 thread, 4096x4096 fp32): the tiled
+// Largest batch served by the GEMV path, measured on Zen 4 (1 thread, 4096x4096 fp32): the tiled
 // path costs about the same from B=1 to 16 (per-weight overhead, 1 vector per x row), the GEMV
 // path grows with B. Crossover: semi24 and hybrid between 4 and 8, BSR between 2 and 4.
+// Re-measured for semi24 (fp32 and bf16 at avx512bf16, thread CPU time): tiled ~6.0 ms (fp32) flat
+// over B = 4..16, GEMV 5.9-6.3 ms at B = 4 and 7.2 / 8.8 / 14.8 ms at B = 5 / 8 / 16, so 4 stays.
+// The GEMV rows of x (16 KB each in fp32) do not fit L1 four at a time, so B >= 2 streams x from L2
+// per weight row; a K-blocked GEMV would be the way to make B = 5..16 cheaper (not done).
 constexpr int64_t kGemvMaxSemi = 4;
 constexpr int64_t kGemvMaxBsr = 2;
 constexpr int NBG = 4;  // x rows per GEMV pass: weights re-read (from L1/L2) once per 4 rows
