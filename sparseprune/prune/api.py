@@ -6,31 +6,12 @@ import torch
 from torch import nn
 
 from ..report import LayerReport, Report
-from .masks import block_scores, keep_top
+from .budget import global_keep
+from .calibrate import prune_with_calibration
 from .methods import get_method
 from .patterns import parse_pattern, satisfies
 from .permute import forget_permutation, weight_in_packing_order
 from .select import select_layers
-
-
-def _global_block_keep(plans, method, stats_by_name):
-    """One budget across layers: rank every block (or weight) of every layer together.
-
-    Scores are divided by each layer's mean score first, so a layer whose weights are simply
-    smaller in scale is not emptied by the global ranking.
-    """
-    per_layer = []
-    for p in plans:
-        sc = method.scores(p.module.weight, stats_by_name.get(p.name))
-        sc = sc / sc.mean().clamp_min(1e-30)
-        per_layer.append(block_scores(sc, p.pattern.block_size) if p.pattern.kind != "unstructured" else sc)
-    flat = torch.cat([s.reshape(-1) for s in per_layer])
-    keep = keep_top(flat, plans[0].sparsity)
-    out, i = {}, 0
-    for p, s in zip(plans, per_layer):
-        out[p.name] = keep[i:i + s.numel()].reshape(s.shape)
-        i += s.numel()
-    return out
 
 
 def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(32, 32), method="magnitude",
@@ -60,8 +41,6 @@ def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(3
 
     results: dict[str, tuple] = {}
     if todo and (meth.needs_calibration or permute):
-        from .calibrate import prune_with_calibration
-
         masks = prune_with_calibration(model, todo, meth, calibration, global_budget=global_budget, progress=progress,
                                        permute=permute)
     else:
@@ -70,7 +49,7 @@ def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(3
         if global_budget and todo and pat.kind != "nm":
             if sparsity is None or isinstance(sparsity, dict):
                 raise ValueError("global_budget=True needs one float sparsity for the whole model")
-            block_keep = _global_block_keep(todo, meth, {})
+            block_keep = global_keep(todo, meth, {})
         for p in todo:
             w = p.module.weight
             with torch.no_grad():

@@ -28,7 +28,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .methods import PruningMethod, register_method
+from .budget import global_keep
+from .methods import PruningMethod
 from .permute import check_permutable, forget_permutation, prune_layer_permuted, remember_permutation
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
@@ -369,8 +370,6 @@ def _block_by_block(model, plans, method, calibration, pruner, stack) -> list:
 def _global_keep(model, plans, method, calibration):
     """Global budget for a calibrated method: rank blocks (weights) of all layers together, by the
     method's score from input norms gathered on the dense model (one pre-pass)."""
-    from .api import _global_block_keep
-
     sparsity = plans[0].sparsity
     if sparsity is None or any(p.sparsity != sparsity for p in plans):
         raise ValueError("global_budget=True needs one float sparsity for the whole model")
@@ -380,7 +379,7 @@ def _global_keep(model, plans, method, calibration):
     finally:
         for h in handles:
             h.remove()
-    return _global_block_keep(plans, method, stats)
+    return global_keep(plans, method, stats)
 
 
 def prune_with_calibration(model: nn.Module, plans, method: PruningMethod, calibration, *, global_budget=False,
@@ -399,9 +398,7 @@ def prune_with_calibration(model: nn.Module, plans, method: PruningMethod, calib
         if not method.needs_calibration:
             block_keep = {}
             if global_budget and plans and plans[0].pattern.kind != "nm":
-                from .api import _global_block_keep
-
-                block_keep = _global_block_keep(plans, method, {})
+                            block_keep = global_keep(plans, method, {})
             pruner = _Pruner(method, permute, block_keep, bar)
             for p in plans:
                 forget_permutation(p.module)
@@ -422,7 +419,5 @@ def prune_with_calibration(model: nn.Module, plans, method: PruningMethod, calib
         bar.close()
 
 
-register_method(Wanda())
-register_method(SparseGPT())
 
 __all__ = ["LayerStats", "prune_with_calibration", "run_calibration", "find_block_stack", "Wanda", "SparseGPT"]

@@ -2,7 +2,8 @@
 
 A method is pluggable: subclass :class:`PruningMethod` and :func:`register_method` it. Methods
 that need calibration data set ``needs_calibration`` and receive per-layer statistics gathered
-by :mod:`sparseprune.prune.calibrate`.
+by :mod:`sparseprune.prune.calibrate`; Wanda and SparseGPT register themselves from their modules,
+which the package imports.
 """
 
 from __future__ import annotations
@@ -47,13 +48,6 @@ def register_method(method: PruningMethod) -> None:
 def get_method(method: str | PruningMethod) -> PruningMethod:
     if isinstance(method, PruningMethod):
         return method
-    if method not in METHODS:
-        # calibrated methods register themselves when their module is imported
-        try:
-            from . import calibrate  # noqa: F401
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.calibrate":
-                raise
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; known: {sorted(METHODS)}")
     return METHODS[method]

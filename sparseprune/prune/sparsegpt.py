@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .masks import block_scores, expand_block_mask, keep_top
-from .methods import PruningMethod
+from .methods import PruningMethod, register_method
 from .patterns import Pattern
 from .wanda import _need_stats
 
@@ -159,3 +159,6 @@ class SparseGPT(PruningMethod):
             keep, w = obs_prune(weight, stats.H, nm=(2, 4) if pattern.kind == "hybrid" else None,
                                 forced_prune=forced, **kw)
         return keep, w.to(weight.dtype)
+
+
+register_method(SparseGPT())

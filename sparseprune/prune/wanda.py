@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .masks import make_mask
-from .methods import PruningMethod
+from .methods import PruningMethod, register_method
 from .patterns import Pattern
 
 
@@ -53,3 +53,6 @@ class Wanda(PruningMethod):
         else:
             mask = make_mask(sc, pattern, sparsity, block_keep)
         return mask, weight * mask
+
+
+register_method(Wanda())
