@@ -1,19 +1,13 @@
 """sparseprune: prune PyTorch models to 2:4, block-sparse or hybrid patterns and run them fast."""
 
+from . import ops  # noqa: F401  (registers the fake kernels torch.compile needs, before any first call)
 from ._native import build_info
+from ._version import __version__
+from .checkpoint import load, save
+from .convert import convert, pack
 from .formats import BlockSparseWeight, FormatError, HybridWeight, PackedWeight, Semi24Weight
+from .modules import SparseLinear
+from .prune import prune
 
-__version__ = "0.1.0"
-
-__all__ = ["build_info", "BlockSparseWeight", "FormatError", "HybridWeight", "PackedWeight", "Semi24Weight"]
-
-# The op wrappers register the fake kernels torch.compile needs; import them up front so a model
-# compiled before its first eager call still traces.
-from . import ops  # noqa: E402,F401
-from .convert import convert, pack  # noqa: E402
-from .modules import SparseLinear  # noqa: E402
-from .prune import prune  # noqa: E402
-
-from .checkpoint import load, save  # noqa: E402
-
-__all__ += ["convert", "pack", "prune", "SparseLinear", "save", "load"]
+__all__ = ["__version__", "build_info", "convert", "pack", "prune", "save", "load", "SparseLinear",
+           "BlockSparseWeight", "FormatError", "HybridWeight", "PackedWeight", "Semi24Weight"]

@@ -37,7 +37,11 @@ import warnings
 import torch
 
 from . import backends as _backends
+from ._native import build_info
+from ._version import __version__
 
+# Upper edges of the batch-row buckets (rows = x.numel() / in_features); the last is open-ended.
+BUCKET_EDGES = (1, 8, 64, 512)
 BUCKET_LABELS = ("1", "2-8", "9-64", "65-512", "513+")
 MEASURE_ROWS = (1, 8, 64, 512, 1024)
 # Bucket i is judged at these MEASURE_ROWS indices (its lower and upper edge; 2 ~ 1, 9 ~ 8, ...).
@@ -47,6 +51,14 @@ SLACK = 0.03
 BUDGET_S = 0.004  # per candidate and measured size, after one warm-up call
 MIN_REPS, MAX_REPS = 5, 50
 LONG_CALL_S = 0.02  # a call this long is timed 2 times, not MIN_REPS
+
+
+def bucket_of(rows: int) -> int:
+    """Index of the batch bucket holding ``rows``: 0 for 0-1, 1 for 2-8, ..., 4 for 513+."""
+    for i, edge in enumerate(BUCKET_EDGES):
+        if rows <= edge:
+            return i
+    return len(BUCKET_EDGES)
 
 _lock = threading.RLock()  # tuning mutates modules and caches; forward threads may race to it
 _memory_cache: dict[str, tuple[str, ...]] = {}
@@ -70,7 +82,6 @@ def _cpu_name() -> str:
 
 def device_key(device) -> str:
     """Device name plus what changes timings: library versions, CPU ISA level and thread count."""
-    from . import __version__, build_info
 
     device = torch.device(device)
     if device.type == "cuda":
@@ -236,17 +247,6 @@ def tune_module(module, *, cache_path=None, budget_s=BUDGET_S, force=False,
         module._plan_dtype = module.dtype
         module.auto_plan = dict(zip(BUCKET_LABELS, plan))
         return module.auto_plan
-
-
-def tune_model(model, **kw) -> dict[str, dict[str, str]]:
-    """Tunes every SparseLinear of ``model`` whose backend request is "auto"; {name: plan}."""
-    from .modules import SparseLinear
-
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, SparseLinear) and mod.backend_request == "auto":
-            out[name] = tune_module(mod, **kw)
-    return out
 
 
 def describe(plan: dict[str, str] | None) -> str:

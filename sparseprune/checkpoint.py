@@ -23,8 +23,9 @@ import os
 import torch
 from torch import nn
 
+from . import autotune
 from .formats import FORMATS
-from .modules import SparseLinear
+from .modules import SparseLinear, replace_module, tune_model
 from .report import LayerReport, Report
 
 FORMAT_NAME = "sparseprune"
@@ -35,12 +36,6 @@ _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def build_config(model: nn.Module) -> dict:
@@ -223,7 +218,7 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
         report.layers.append(LayerReport(name, shape, "loaded", report.pattern, backend=sparse.backend,
                                          bytes_ratio=packed.nbytes / packed.dense_nbytes))
     for name, sparse in new_modules.items():
-        _set_submodule(model, name, sparse)
+        replace_module(model, name, sparse)
 
     sparse_keys = {f"{n}.{k}" for n, m in new_modules.items() for k in m.state_dict()}
     rest = {k: v for k, v in tensors.items() if k not in used}
@@ -239,9 +234,8 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
         raise ValueError(f"{os.fspath(path)} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
 
     if any(m.backend_request == "auto" for m in new_modules.values()):
-        from . import autotune
 
-        for name, plan in autotune.tune_model(model).items():
+        for name, plan in tune_model(model).items():
             if name in new_modules:
                 report[name].reason = autotune.describe(plan)
     model.sparseprune_report = report

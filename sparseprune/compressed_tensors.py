@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import _read, _set_submodule
+from . import autotune
+from .checkpoint import _read
 from .formats import FormatError, Semi24Weight
-from .modules import SparseLinear
+from .modules import SparseLinear, replace_module, tune_model
 from .prune.patterns import Pattern, satisfies
+from .prune.select import tied_parameter_names
 from .report import LayerReport, Report
 
 FORMAT = "sparse-24-bitmask"
@@ -260,10 +262,10 @@ def load_compressed_tensors(path, model: nn.Module, *, backend: str = "auto", st
         report.layers.append(LayerReport(name, packed.shape, "loaded", "2:4", backend=sparse.backend,
                                          bytes_ratio=packed.nbytes / packed.dense_nbytes))
     for name, sparse in new.items():
-        _set_submodule(model, name, sparse)
+        replace_module(model, name, sparse)
     rest = {k: v for k, v in tensors.items() if k not in used}
     sparse_keys = {f"{n}.{k}" for n, m in new.items() for k in m.state_dict()}
-    tied = _tied_names(model)
+    tied = tied_parameter_names(model)
     try:
         missing, unexpected = model.load_state_dict(rest, strict=False)
     except RuntimeError as e:
@@ -272,17 +274,8 @@ def load_compressed_tensors(path, model: nn.Module, *, backend: str = "auto", st
     if strict and (missing or unexpected):
         raise ValueError(f"{path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
     if backend == "auto" and new:
-        from . import autotune
-
-        for name, plan in autotune.tune_model(model).items():
+        for name, plan in tune_model(model).items():
             if name in new:
                 report[name].reason = autotune.describe(plan)
     model.sparseprune_report = report
     return model
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
-    return {n for names in owners.values() if len(names) > 1 for n in names}

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from . import autotune
 from . import backends as _backends
 from .formats import BlockSparseWeight, HybridWeight, Semi24Weight
-from .modules import SparseLinear
+from .modules import SparseLinear, replace_module, tune_model
 from .prune.api import prune_model
 from .prune.patterns import parse_pattern
 
@@ -27,14 +28,7 @@ def pack(weight: torch.Tensor, pattern, mask: torch.Tensor | None = None):
     return HybridWeight.from_dense(w * keep if mask is not None else w, pattern.block_size, block_keep)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _note_auto_plan(lr, plan) -> None:
-    from . import autotune
 
     if plan and all(n == "dense" for n in plan.values()):
         lr.backend = "dense"
@@ -85,16 +79,15 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
         sparse = SparseLinear(packed, lin.bias, backend=backend, in_perm=in_perm)
         if note:
             report[name].reason = note
-        _set_submodule(model, name, sparse)
+        replace_module(model, name, sparse)
         lr = report[name]
         lr.status = "converted" if lr.status == "pruned" else lr.status
         lr.backend = sparse.backend
         lr.bytes_ratio = packed.nbytes / packed.dense_nbytes
     if backend == "auto":
         # Measure now, eagerly and outside any torch.compile trace (see sparseprune/autotune.py).
-        from . import autotune
 
-        for name, plan in autotune.tune_model(model).items():
+        for name, plan in tune_model(model).items():
             if name in {lr.name for lr in report.converted}:
                 _note_auto_plan(report[name], plan)
     model.sparseprune_report = report

@@ -5,21 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import autotune
 from . import backends as _backends
 from .formats import FORMATS, PackedWeight
-
-
-# Upper edges of the batch-row buckets backend="auto" measures (rows = x.numel() / in_features);
-# the last bucket is open-ended. autotune.py measures at these edges.
-AUTO_BUCKET_EDGES = (1, 8, 64, 512)
-
-
-def autotune_bucket(rows) -> int:
-    """Index of the batch bucket holding ``rows``: 0 for 0-1, 1 for 2-8, ..., 4 for 513+."""
-    for i, edge in enumerate(AUTO_BUCKET_EDGES):
-        if rows <= edge:
-            return i
-    return len(AUTO_BUCKET_EDGES)
 
 
 def _may_measure(x: torch.Tensor) -> bool:
@@ -130,13 +118,11 @@ class SparseLinear(nn.Module):
         backend = self._bound[1]
         if self.backend_request == "auto":
             if (self._plan is None or self._plan_dtype != x.dtype) and _may_measure(x):
-                from . import autotune
-
                 # once per device and dtype (model.half() re-measures); cached per shape (see autotune.py)
                 autotune.tune_module(self)
             if self._plan is not None:
                 # A Python branch on the row count: torch.compile guards on the bucket, not the size.
-                backend = self._plan[autotune_bucket(x.numel() // self.in_features)]
+                backend = self._plan[autotune.bucket_of(x.numel() // self.in_features)]
         if self.in_perm is not None:
             x = x.index_select(-1, self.in_perm)
         return backend.forward(self, x)
@@ -148,3 +134,17 @@ class SparseLinear(nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend}, "
                 + (f"auto_plan={self.auto_plan}, " if self.auto_plan else "") +
                 f"bytes={w.nbytes / w.dense_nbytes:.3f} of dense")
+
+
+def tune_model(model: nn.Module, **kw) -> dict[str, dict[str, str]]:
+    """Measures now (eagerly, outside any compile) every SparseLinear of ``model`` whose backend
+    request is "auto"; returns {module name: {bucket label: backend}}."""
+    return {name: autotune.tune_module(mod, **kw) for name, mod in model.named_modules()
+            if isinstance(mod, SparseLinear) and mod.backend_request == "auto"}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Puts ``new`` where the submodule called ``name`` (dotted path) is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -8,7 +8,9 @@ from torch import nn
 
 import sparseprune
 from sparseprune import autotune, backends
-from sparseprune.modules import AUTO_BUCKET_EDGES, SparseLinear, autotune_bucket
+from sparseprune.autotune import BUCKET_EDGES as AUTO_BUCKET_EDGES
+from sparseprune.autotune import bucket_of as autotune_bucket
+from sparseprune.modules import SparseLinear
 from tests.helpers import assert_matches_reference, random_weight
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .patterns import Pattern
+from .select import tied_parameter_names
 
 PERM_ATTR = "_sparseprune_in_perm"
 
@@ -234,8 +235,6 @@ def fold_permutations(model: nn.Module, results: dict, pairs: dict[str, list[str
     Returns {name: (in_perm or None, note)}: ``in_perm`` for the SparseLinear (its weight is to
     be packed as ``W[:, in_perm]``), and a note for the report.
     """
-    from .select import tied_parameter_names
-
     known = foldable_pairs(model) if pairs is None else dict(pairs)
     tied = tied_parameter_names(model)
     out = {}
