@@ -13,6 +13,9 @@ import importlib
 import torch
 
 from .formats import PackedWeight
+from .ops import bsr_linear as _bsr_op
+from .ops import hybrid_linear as _hybrid_op
+from .ops import semi24_linear as _semi24_op
 
 
 class Backend:
@@ -52,13 +55,12 @@ class CpuBackend(Backend):
         return None if torch.device(device).type == "cpu" else f"backend 'cpu' runs on CPU tensors, not {device}"
 
     def forward(self, module, x):
-        from . import ops
-
-        if module.kind == "semi24":
-            return ops.semi24_linear(x, module.values, module.meta, module.bias)
-        if module.kind == "bsr":
-            return ops.bsr_linear(x, module.values, module.crow, module.col, module.in_features, module.bias)
-        return ops.hybrid_linear(x, module.values, module.meta, module.crow, module.col, module.in_features, module.bias)
+        kind = module.kind
+        if kind == "semi24":
+            return _semi24_op(x, module.values, module.meta, module.bias)
+        if kind == "bsr":
+            return _bsr_op(x, module.values, module.crow, module.col, module.in_features, module.bias)
+        return _hybrid_op(x, module.values, module.meta, module.crow, module.col, module.in_features, module.bias)
 
 
 class DenseBackend(Backend):

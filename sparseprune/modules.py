@@ -106,16 +106,20 @@ class SparseLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device != self.values.device:
-            raise RuntimeError(f"SparseLinear: input is on {x.device} but the weight is on {self.values.device}")
-        if x.dtype != self.values.dtype:
-            raise RuntimeError(f"SparseLinear: input dtype {x.dtype} does not match weight dtype {self.values.dtype}")
+        # This runs once per layer per token when decoding, so the checks read each attribute once.
+        values = self.values
+        if x.dtype is not values.dtype or x.device != values.device:
+            if x.device != values.device:
+                raise RuntimeError(f"SparseLinear: input is on {x.device} but the weight is on {values.device}")
+            raise RuntimeError(f"SparseLinear: input dtype {x.dtype} does not match weight dtype {values.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise RuntimeError(f"SparseLinear: input of shape {tuple(x.shape)} has {x.shape[-1] if x.dim() else 0} "
                                f"features in its last dimension, the weight expects {self.in_features}")
-        if self._bound is None or self._bound[0] != x.device.type:
+        bound = self._bound
+        if bound is None or bound[0] != x.device.type:
             self._bind(x.device)  # moved to another device type since the last call
-        backend = self._bound[1]
+            bound = self._bound
+        backend = bound[1]
         if self.backend_request == "auto":
             if (self._plan is None or self._plan_dtype != x.dtype) and _may_measure(x):
                 # once per device and dtype (model.half() re-measures); cached per shape (see autotune.py)

@@ -23,16 +23,25 @@ namespace {
 
 enum class Isa { Generic, Avx2, Avx512, Avx512Bf16 };
 
+// What the CPU supports: probed once (cpuid is not free and this runs on every op call).
+Isa best_supported() {
+  static const Isa best = [] {
+    __builtin_cpu_init();
+    Isa best = Isa::Generic;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      best = Isa::Avx2;
+    if (best == Isa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      best = Isa::Avx512;
+    // AVX512-BF16 (vdpbf16ps): Cooper Lake, Sapphire Rapids and later, Zen 4 and later. GCC >= 12 knows the name.
+    if (best == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) best = Isa::Avx512Bf16;
+    return best;
+  }();
+  return best;
+}
+
 Isa detect() {
-  __builtin_cpu_init();
-  Isa best = Isa::Generic;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    best = Isa::Avx2;
-  if (best == Isa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    best = Isa::Avx512;
-  // AVX512-BF16 (vdpbf16ps): Cooper Lake, Sapphire Rapids and later, Zen 4 and later. GCC >= 12 knows the name.
-  if (best == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) best = Isa::Avx512Bf16;
+  const Isa best = best_supported();
   if (const char* want = std::getenv("SPARSEPRUNE_CPU_ISA")) {
     Isa w = best;
     if (!std::strcmp(want, "generic")) w = Isa::Generic;
@@ -44,7 +53,7 @@ Isa detect() {
   return best;
 }
 
-// Read per call (cheap) so tests can switch ISA by setting the environment variable.
+// The override is read per call (a getenv) so tests can switch ISA by setting the variable.
 Isa isa() { return detect(); }
 
 }  // namespace

@@ -45,6 +45,12 @@ template <DType DT> using T_ = typename St<DT>::T;
 constexpr int64_t kPieces = 64;
 SP_INLINE int64_t piece(int64_t n) { return std::max<int64_t>(1, n / kPieces); }
 
+// Below this many multiply-adds a call stays on one thread: waking a second thread costs
+// microseconds on an idle machine and up to a scheduler slice on an oversubscribed one, which
+// dwarfs a small layer's work (a 128x128 2:4 layer at batch 1 is 8k multiply-adds).
+constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
+SP_INLINE bool use_threads(int64_t macs) { return macs >= kMinParallelMacs; }
+
 // x rows as fp32 for the GEMV path (x itself when it already is fp32).
 template <DType DT> const float* x_as_f32(const LinearProblem& p, Scratch& buf) {
   if constexpr (DT == DType::F32) {
@@ -118,7 +124,7 @@ template <DType DT> void semi24_gemv(const LinearProblem& p, const T_<DT>* value
   Scratch xbuf(DT == DType::F32 ? 1 : p.B * p.K);
   const float* xf = x_as_f32<DT>(p, xbuf);
   const int64_t K = p.K, chunk = piece(p.N);
-#pragma omp parallel for schedule(dynamic, chunk)
+#pragma omp parallel for schedule(dynamic, chunk) if (use_threads(p.B * p.N * (K / 2)))
   for (int64_t n = 0; n < p.N; ++n) {
     const T_<DT>* w = values + n * (K / 2);
     const uint8_t* m = meta + n * ms;
@@ -147,7 +153,7 @@ void semi24_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* m
   const int64_t ntiles = (p.B + BT - 1) / BT, st = std::min(kSuperTiles, ntiles);
   const int64_t nchunks = (N + kRowChunk - 1) / kRowChunk;
   Scratch xT(st * K * BT);
-#pragma omp parallel
+#pragma omp parallel if (use_threads(p.B * N * (K / 2)))
   {
     Scratch part(kRowChunk * BT);
     Scratch wconv(DT == DType::F32 ? 1 : kRowChunk * kKTile / 2);
@@ -286,7 +292,7 @@ void semi24_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uin
   const int64_t nchunks = (N + kRowChunk - 1) / kRowChunk, tsz = G * kCombos * BT;
   Scratch xC(st * tsz);
   uint32_t* xc = reinterpret_cast<uint32_t*>(xC.p);
-#pragma omp parallel
+#pragma omp parallel if (use_threads(p.B * N * (K / 2)))
   {
     Scratch part(kRowChunk * BT);
     Scratch ent(4 * RB * kPrepG);
@@ -381,7 +387,7 @@ void block_gemv(const LinearProblem& p, const T_<DT>* values, const uint8_t* met
   const float* xf = x_as_f32<DT>(p, xbuf);
   const int64_t nbr = p.N / bh;
   const int64_t chunk = piece(nbr);
-#pragma omp parallel
+#pragma omp parallel if (use_threads(p.B * crow[nbr] * (SEMI ? bh * (bw / 2) : bh * bw)))
   {
     Scratch vbuf(int64_t(sizeof(vf) / 4) * 2 * NBG * bh);
     Scratch sbuf(NBG * bh);
@@ -414,7 +420,7 @@ void block_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* me
   const int64_t wlen = SEMI ? bh * (bw / 2) : bh * bw;  // stored values per block
   const int64_t K = p.K, ntiles = (p.B + BT - 1) / BT, st = std::min(kSuperTiles, ntiles), chunk = piece(nbr);
   Scratch xT(st * K * BT);
-#pragma omp parallel
+#pragma omp parallel if (use_threads(p.B * crow[nbr] * wlen))
   {
     Scratch part(bh * BT);
     Scratch wconv(DT == DType::F32 ? 1 : wlen);
@@ -478,7 +484,7 @@ void block_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uint
   const int64_t tsz = SEMI ? (K / 4) * kCombos * BT : (K / 2) * BT;
   Scratch xT(st * tsz);
   uint32_t* xt = reinterpret_cast<uint32_t*>(xT.p);
-#pragma omp parallel
+#pragma omp parallel if (use_threads(p.B * crow[nbr] * wlen))
   {
     Scratch part(bh * BT);
     Scratch ent(SEMI ? 2 * bh * kPrepG : 1);
