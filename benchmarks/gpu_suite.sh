@@ -2,7 +2,8 @@
 # GPU suite for a CUDA machine without network (H100: ~10 minutes).
 #   1. install the package (editable, against the torch already installed)
 #   2. GPU tests: `pytest -m gpu` plus the Triton tests on CUDA (no interpreter)
-#   3. benchmarks/bench_gpu.py -> bench_gpu.csv, 4. benchmarks/plot_gpu.py -> 2 PNGs
+#   3. benchmarks/bench_gpu.py -> bench_gpu.csv, benchmarks/bench_cuda.py -> bench_cuda.csv
+#   4. benchmarks/plot_gpu.py -> 2 PNGs
 # Everything lands in $OUT if set, else benchmarks/results/local/ (CSV, gpu_suite.log, PNGs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,10 @@ echo "== gpu_suite $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=
 status=0
 
 echo "== install"
+# Build only for the card at hand (all four default archs would eat minutes of the 10-minute budget).
+export SPARSEPRUNE_CUDA_ARCHS="${SPARSEPRUNE_CUDA_ARCHS:-$(python -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}" + ("a" if c[0] == 9 else ""))')}"
+export SPARSEPRUNE_CUDA=on CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
+echo "building for SPARSEPRUNE_CUDA_ARCHS=$SPARSEPRUNE_CUDA_ARCHS"
 pip install --no-build-isolation --no-deps -e . || { echo "install failed"; exit 1; }
 python -c "import sparseprune, torch, triton; print(sparseprune.build_info(), torch.__version__, triton.__version__)"
 
@@ -25,6 +30,9 @@ timeout 120 python -m pytest -q tests/test_triton.py -p no:cacheprovider || stat
 
 echo "== bench"
 timeout 330 python benchmarks/bench_gpu.py --out "$OUT" || status=1
+
+echo "== bench (cuda backend vs cuSPARSELt at large batch)"
+timeout 60 python benchmarks/bench_cuda.py --csv "$OUT/bench_cuda.csv" || status=1
 
 echo "== plot"
 python benchmarks/plot_gpu.py --out "$OUT" || status=1

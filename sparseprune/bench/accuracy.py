@@ -118,6 +118,7 @@ def _windows(data: torch.Tensor, seq: int, count: int, gen: torch.Generator) -> 
 
 def build_lm_task(quick: bool, device: torch.device, seed: int = 0, log=print, cache_dir: str | None = None) -> Task:
     """Trains (or loads from ``cache_dir``, where it is saved after training) the small Llama."""
+    import safetensors.torch
     import transformers
 
     torch.manual_seed(seed)
@@ -132,10 +133,10 @@ def build_lm_task(quick: bool, device: torch.device, seed: int = 0, log=print, c
     model = transformers.LlamaForCausalLM(cfg).to(device)
     ckpt = None
     if cache_dir:
-        ckpt = os.path.join(cache_dir, f"accuracy_lm_h{hidden}_i{inter}_l{layers}_s{steps}_b{batch}_seed{seed}.pt")
+        ckpt = os.path.join(cache_dir, f"accuracy_lm_h{hidden}_i{inter}_l{layers}_s{steps}_b{batch}_seed{seed}.safetensors")
     t0 = time.perf_counter()
     if ckpt and os.path.exists(ckpt):
-        model.load_state_dict(torch.load(ckpt, map_location=device))
+        model.load_state_dict(safetensors.torch.load_file(ckpt, device=str(device)))
         log(f"  lm: loaded the trained model from {ckpt} (delete it to retrain)")
         steps = 0
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -157,7 +158,7 @@ def build_lm_task(quick: bool, device: torch.device, seed: int = 0, log=print, c
     model.eval()
     train_s = time.perf_counter() - t0
     if ckpt and steps:
-        torch.save(model.state_dict(), ckpt)
+        safetensors.torch.save_file(model.state_dict(), ckpt)
     val_w = _windows(val, seq, 48 if quick else 128, torch.Generator().manual_seed(seed + 1)).to(device)
     calib = [_windows(train, seq, 8, gen)[:, :-1].to(device) for _ in range(4 if quick else 8)]
 
