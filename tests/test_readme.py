@@ -1,0 +1,21 @@
+"""The README's usage example runs as written."""
+
+import pathlib
+import re
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+def test_readme_usage_example_runs(tmp_path, monkeypatch):
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"## Usage\s+```python\n(.*?)```", readme, re.S)
+    assert block, "README has no python block under '## Usage'"
+    monkeypatch.chdir(tmp_path)  # the example writes its checkpoint to the working directory
+    scope: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)
+    model = scope["model"]
+    assert len(model.sparseprune_report.converted) == 14
+    assert scope["out"].shape == (1, 11)
+    assert (tmp_path / "llama-24.safetensors").stat().st_size > 0
