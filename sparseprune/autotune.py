@@ -267,3 +267,15 @@ def clear_cache() -> None:
     with _lock:
         _memory_cache.clear()
         _disk_loaded.clear()
+
+
+def note_plans(report, plans: dict[str, dict[str, str]], names) -> None:
+    """Writes each measured plan into the conversion report's row for layers in ``names``."""
+    for name in names:
+        plan = plans.get(name)
+        if not plan:
+            continue
+        row = report[name]
+        if all(n == "dense" for n in plan.values()):
+            row.backend = "dense"
+        row.reason = "; ".join(r for r in (row.reason, describe(plan)) if r)

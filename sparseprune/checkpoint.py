@@ -234,9 +234,6 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
         raise ValueError(f"{os.fspath(path)} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
 
     if any(m.backend_request == "auto" for m in new_modules.values()):
-
-        for name, plan in tune_model(model).items():
-            if name in new_modules:
-                report[name].reason = autotune.describe(plan)
+        autotune.note_plans(report, tune_model(model), new_modules)
     model.sparseprune_report = report
     return model

@@ -274,8 +274,6 @@ def load_compressed_tensors(path, model: nn.Module, *, backend: str = "auto", st
     if strict and (missing or unexpected):
         raise ValueError(f"{path} does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
     if backend == "auto" and new:
-        for name, plan in tune_model(model).items():
-            if name in new:
-                report[name].reason = autotune.describe(plan)
+        autotune.note_plans(report, tune_model(model), new)
     model.sparseprune_report = report
     return model

@@ -13,6 +13,7 @@ from .formats import BlockSparseWeight, HybridWeight, Semi24Weight
 from .modules import SparseLinear, replace_module, tune_model
 from .prune.api import prune_model
 from .prune.patterns import parse_pattern
+from .prune.permute import fold_permutations
 
 
 def pack(weight: torch.Tensor, pattern, mask: torch.Tensor | None = None):
@@ -26,13 +27,6 @@ def pack(weight: torch.Tensor, pattern, mask: torch.Tensor | None = None):
     if pattern.kind == "block":
         return BlockSparseWeight.from_dense(w, pattern.block_size, block_keep)
     return HybridWeight.from_dense(w * keep if mask is not None else w, pattern.block_size, block_keep)
-
-
-def _note_auto_plan(lr, plan) -> None:
-
-    if plan and all(n == "dense" for n in plan.values()):
-        lr.backend = "dense"
-    lr.reason = "; ".join(r for r in (lr.reason, autotune.describe(plan)) if r)
 
 
 def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size=(32, 32), method="magnitude",
@@ -68,8 +62,6 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
                                   include=include, exclude=exclude, calibration=calibration,
                                   global_budget=global_budget, strict=strict, extra_check=backend_check,
                                   progress=progress, permute=bool(permute))
-    from .prune.permute import fold_permutations
-
     perms = fold_permutations(model, results, permute if isinstance(permute, dict) else None)
     for name, (plan, mask) in results.items():
         lin = plan.module
@@ -86,9 +78,6 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
         lr.bytes_ratio = packed.nbytes / packed.dense_nbytes
     if backend == "auto":
         # Measure now, eagerly and outside any torch.compile trace (see sparseprune/autotune.py).
-
-        for name, plan in tune_model(model).items():
-            if name in {lr.name for lr in report.converted}:
-                _note_auto_plan(report[name], plan)
+        autotune.note_plans(report, tune_model(model), results)
     model.sparseprune_report = report
     return model
