@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import sparseprune
-from sparseprune.prune.calibrate import LayerStats, find_block_stack, prune_with_calibration
+from sparseprune.prune.calibrate import LayerStats, find_block_stack, prune_layers
 from sparseprune.prune.methods import Magnitude, get_method
 from sparseprune.prune.patterns import Pattern, parse_pattern, satisfies
 from sparseprune.prune.select import select_layers
@@ -255,7 +255,7 @@ def test_transformers_block_by_block(arch, method):
                     captured[name] = stats.col_norm().clone()
             return super().prune_layer(weight, pattern, sparsity, stats=stats, block_keep=block_keep)
 
-    masks = prune_with_calibration(model, plans, Spy(), cal)
+    masks = prune_layers(model, plans, Spy(), cal)
     assert set(masks) == {p.name for p in plans}
     for p in plans:
         assert satisfies(p.module.weight, p.pattern, None), p.name

@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from ..report import LayerReport, Report
-from .budget import global_keep
-from .calibrate import prune_with_calibration
+from .calibrate import prune_layers
 from .methods import get_method
 from .patterns import parse_pattern, satisfies
 from .permute import forget_permutation, weight_in_packing_order
@@ -39,23 +38,11 @@ def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(3
             raise ValueError(f"layer {p.name}: pattern '{p.pattern.name}' needs sparsity= (its weight is not "
                              f"already {p.pattern.name}-sparse)")
 
+    if global_budget and todo and pat.kind != "nm" and (sparsity is None or isinstance(sparsity, dict)):
+        raise ValueError("global_budget=True needs one float sparsity for the whole model")
+    masks = prune_layers(model, todo, meth, calibration, global_budget=global_budget, progress=progress,
+                         permute=permute) if todo else {}
     results: dict[str, tuple] = {}
-    if todo and (meth.needs_calibration or permute):
-        masks = prune_with_calibration(model, todo, meth, calibration, global_budget=global_budget, progress=progress,
-                                       permute=permute)
-    else:
-        masks = {}
-        block_keep = {}
-        if global_budget and todo and pat.kind != "nm":
-            if sparsity is None or isinstance(sparsity, dict):
-                raise ValueError("global_budget=True needs one float sparsity for the whole model")
-            block_keep = global_keep(todo, meth, {})
-        for p in todo:
-            w = p.module.weight
-            with torch.no_grad():
-                mask, new_w = meth.prune_layer(w.data, p.pattern, p.sparsity, block_keep=block_keep.get(p.name))
-                w.data.copy_(new_w.to(w.dtype))
-            masks[p.name] = mask
     for p in plans:
         if p.name in as_is:
             mask = p.module.weight.detach() != 0

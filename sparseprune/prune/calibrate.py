@@ -1,7 +1,7 @@
 """Calibration: run the model on sample inputs, gather per-layer input statistics, prune.
 
-``prune_with_calibration`` is what ``prune()``/``convert()`` call for methods with
-``needs_calibration`` (and for any method with ``permute=True``). Two ways to run:
+``prune_layers`` is what ``prune()``/``convert()`` call to prune the selected layers; methods
+with ``needs_calibration`` gather their statistics here first, in one of two ways:
 
 * **Block by block** (transformer stacks: the ``nn.ModuleList`` holding most of the selected
   layers, e.g. ``model.layers`` or ``bert.encoder.layer``). A pre-hook on block 0 records its
@@ -382,13 +382,14 @@ def _global_keep(model, plans, method, calibration):
     return global_keep(plans, method, stats)
 
 
-def prune_with_calibration(model: nn.Module, plans, method: PruningMethod, calibration, *, global_budget=False,
-                           progress=False, permute=False) -> dict[str, torch.Tensor]:
+def prune_layers(model: nn.Module, plans, method: PruningMethod, calibration, *, global_budget=False,
+                 progress=False, permute=False) -> dict[str, torch.Tensor]:
     """Prune ``plans``' layers in place (``nn.Linear.weight.data``); returns {layer name: bool mask}.
 
-    Methods without ``needs_calibration`` (magnitude) run without data; this path is used for
-    them when ``permute=True``. With ``permute=True`` each layer's input order is searched first
-    (see :mod:`sparseprune.prune.permute`) and remembered on the module for ``convert()``.
+    Methods without ``needs_calibration`` (magnitude) run layer by layer without data; calibrated
+    ones gather statistics block by block (transformer stacks) or in one pass (other modules).
+    With ``permute=True`` each layer's input order is searched first (see
+    :mod:`sparseprune.prune.permute`) and remembered on the module for ``convert()``.
     """
     if permute:
         for p in plans:
@@ -398,7 +399,7 @@ def prune_with_calibration(model: nn.Module, plans, method: PruningMethod, calib
         if not method.needs_calibration:
             block_keep = {}
             if global_budget and plans and plans[0].pattern.kind != "nm":
-                            block_keep = global_keep(plans, method, {})
+                block_keep = global_keep(plans, method, {})
             pruner = _Pruner(method, permute, block_keep, bar)
             for p in plans:
                 forget_permutation(p.module)
@@ -420,4 +421,4 @@ def prune_with_calibration(model: nn.Module, plans, method: PruningMethod, calib
 
 
 
-__all__ = ["LayerStats", "prune_with_calibration", "run_calibration", "find_block_stack", "Wanda", "SparseGPT"]
+__all__ = ["LayerStats", "prune_layers", "run_calibration", "find_block_stack", "Wanda", "SparseGPT"]
