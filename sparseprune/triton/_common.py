@@ -50,6 +50,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def padded(d: int) -> int:
+    """A block side as the BSR/Hybrid kernels see it: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, next_pow2(d))
+
+
 def token_bucket(m: int) -> str:
     """Autotune bucket by token count: GEMV-like decode, small batches, and GEMM-like prefill."""
     if m <= 16:
@@ -164,3 +169,66 @@ def launch(kernel, tuned, grid, args: dict, config: triton.Config | None, x: tor
         wrap_triton(kernel)[grid](**args, **config_kwargs(config))
     else:
         wrap_triton(tuned())[grid](**args)
+
+
+SMEM_BUDGET = 160 * 1024  # sm_80: 163 KB dynamic shared memory per block, minus a margin
+
+
+def block_configs(base: list[triton.Config], bh_p: int, bw_p: int, bytes_per_stage) -> list[triton.Config]:
+    """``base`` fitted to one padded block shape: BLOCK_N/BLOCK_K clipped to it, stages within SMEM_BUDGET, deduplicated."""
+    out, seen = [], set()
+    for c in base:
+        kw = dict(c.kwargs, BLOCK_N=min(c.kwargs["BLOCK_N"], bh_p), BLOCK_K=min(c.kwargs["BLOCK_K"], bw_p))
+        stages = c.num_stages
+        while stages > 2 and stages * bytes_per_stage(kw) > SMEM_BUDGET:
+            stages -= 1
+        key = (tuple(sorted(kw.items())), c.num_warps, stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=stages))
+    return out
+
+
+def check_block_index(op: str, crow: torch.Tensor, col: torch.Tensor, nnzb: int, bw: int, in_features: int) -> None:
+    """Checks of the BSR block index (crow/col) that the BSR and Hybrid ops share; raises ValueError."""
+    for name, t in (("crow", crow), ("col", col)):
+        if t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"{op}: {name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    if col.numel() != nnzb:
+        raise ValueError(f"{op}: col has {col.numel()} entries but values holds {nnzb} blocks")
+    if in_features % bw:
+        raise ValueError(f"{op}: in_features={in_features} is not a multiple of the block width {bw}")
+
+
+def flat_input_and_output(x: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., k] as a contiguous [M, k] matrix, and the [M, n] output buffer (see new_output)."""
+    x2 = x.reshape(-1, k).contiguous()
+    return x2, new_output((x2.shape[0], n), x2)
+
+
+def launch_block_rows(op: str, kernel, tuned, configs_for, args: dict, crow: torch.Tensor, bh: int, bw: int,
+                      x2: torch.Tensor, config: triton.Config | None) -> None:
+    """Launch a BSR-layout kernel (BSR, Hybrid) over ``x2`` [M, K]: one program per BLOCK_N rows of a
+    block row and BLOCK_M tokens.
+
+    ``args`` holds the op's pointers and M/N/K/HAS_BIAS; this adds the autotune key, the block
+    shape (and its padded sides), and the dot flags. ``tuned(bucket, block, elem_size)`` gives the
+    autotuner, ``configs_for(bucket, block)`` the configs fitted to the block (the first is the
+    CPU default). An explicit ``config`` must fit the padded block.
+    """
+    M = x2.shape[0]
+    bh_p, bw_p = padded(bh), padded(bw)
+    upcast, precision = dot_flags(x2.dtype, x2.device)
+    bucket = token_bucket(M)
+    if config is None and x2.device.type == "cpu":
+        config = configs_for(bucket, (bh, bw))[0]
+    if config is not None and (bh_p % config.kwargs["BLOCK_N"] or bw_p % config.kwargs["BLOCK_K"]):
+        raise ValueError(f"{op}: config {config.kwargs} does not fit the padded block {bh_p}x{bw_p} "
+                         "(BLOCK_N and BLOCK_K must divide it; use configs_for)")
+    args = dict(args, M_KEY=token_key(M), BH=bh, BW=bw, BH_P=bh_p, BW_P=bw_p, UPCAST=upcast, PRECISION=precision)
+    nbr = crow.numel() - 1
+
+    def grid(meta_):
+        return (nbr * (bh_p // meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
+
+    launch(kernel, lambda: tuned(bucket, (bh, bw), x2.element_size()), grid, args, config, x2)

@@ -24,6 +24,7 @@ from torch.library import triton_op
 from sparseprune.ops.bsr import _reference as _ops_reference
 
 from . import _common
+from ._common import padded  # noqa: F401  (bsr.padded: the padded block side, used by the tests)
 
 
 @triton.jit
@@ -75,8 +76,8 @@ def _bsr_kernel(
 
 
 # Autotune configs by token bucket (_common.token_bucket), tuned per (M_KEY, N, K) for each block
-# shape. block_configs clips BLOCK_N to the padded block height and BLOCK_K to the padded width (a
-# 16x16 block never gets a 64-row tile) and caps stages for sm_80's 163 KB of shared memory.
+# shape. _common.block_configs clips BLOCK_N to the padded block height and BLOCK_K to the padded
+# width (a 16x16 block never gets a 64-row tile) and caps stages for sm_80's 163 KB of shared memory.
 # Sizes keep the fp32 accumulator <= 64 and the operand tiles <= ~48 registers per thread: no
 # config spills on sm_80 or sm_90 (checked by tests/test_triton_aot.py).
 BSR_CONFIGS: dict[str, list[triton.Config]] = {
@@ -100,32 +101,12 @@ BSR_CONFIGS: dict[str, list[triton.Config]] = {
         triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     ],
 }
-SMEM_BUDGET = 160 * 1024  # sm_80: 163 KB dynamic shared memory per block, minus a margin
-
-
-def padded(d: int) -> int:
-    return max(16, _common.next_pow2(d))
-
-
-def block_configs(base: list[triton.Config], bh_p: int, bw_p: int, bytes_per_stage) -> list[triton.Config]:
-    """``base`` fitted to one padded block shape: BLOCK_N/BLOCK_K clipped to it, stages within SMEM_BUDGET, deduplicated."""
-    out, seen = [], set()
-    for c in base:
-        kw = dict(c.kwargs, BLOCK_N=min(c.kwargs["BLOCK_N"], bh_p), BLOCK_K=min(c.kwargs["BLOCK_K"], bw_p))
-        stages = c.num_stages
-        while stages > 2 and stages * bytes_per_stage(kw) > SMEM_BUDGET:
-            stages -= 1
-        key = (tuple(sorted(kw.items())), c.num_warps, stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=stages))
-    return out
 
 
 def configs_for(bucket: str, block: tuple[int, int], elem_size: int = 2) -> list[triton.Config]:
     bh_p, bw_p = padded(block[0]), padded(block[1])
-    return block_configs(BSR_CONFIGS[bucket], bh_p, bw_p,
-                         lambda kw: (kw["BLOCK_N"] + kw["BLOCK_M"]) * kw["BLOCK_K"] * elem_size)
+    return _common.block_configs(BSR_CONFIGS[bucket], bh_p, bw_p,
+                                 lambda kw: (kw["BLOCK_N"] + kw["BLOCK_M"]) * kw["BLOCK_K"] * elem_size)
 
 
 @functools.cache
@@ -139,13 +120,7 @@ def _check(x, values, crow, col, in_features, bias) -> tuple[int, int, int, int]
     nnzb, bh, bw = values.shape
     if not (1 <= bh <= _common.MAX_BLOCK_DIM and 1 <= bw <= _common.MAX_BLOCK_DIM):
         raise ValueError(f"triton_bsr: block shape {bh}x{bw} is not supported (each side 1..{_common.MAX_BLOCK_DIM})")
-    for name, t in (("crow", crow), ("col", col)):
-        if t.dtype != torch.int32 or t.dim() != 1:
-            raise ValueError(f"triton_bsr: {name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
-    if col.numel() != nnzb:
-        raise ValueError(f"triton_bsr: col has {col.numel()} entries but values holds {nnzb} blocks")
-    if in_features % bw:
-        raise ValueError(f"triton_bsr: in_features={in_features} is not a multiple of the block width {bw}")
+    _common.check_block_index("triton_bsr", crow, col, nnzb, bw, in_features)
     N = (crow.numel() - 1) * bh
     _common.check_common("triton_bsr", x, values, bias, N, in_features, {"crow": crow, "col": col})
     return N, in_features, bh, bw
@@ -157,28 +132,12 @@ def bsr_forward(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: 
     padded block height); None autotunes on GPU."""
     N, K, bh, bw = _check(x, values, crow, col, in_features, bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K).contiguous()
-    M = x2.shape[0]
-    y = _common.new_output((M, N), x2)
-    if M == 0 or N == 0:
+    x2, y = _common.flat_input_and_output(x, K, N)
+    if x2.shape[0] == 0 or N == 0:
         return y.reshape(*lead, N)
-    bh_p, bw_p = padded(bh), padded(bw)
-    upcast, precision = _common.dot_flags(x.dtype, x.device)
-    bucket = _common.token_bucket(M)
-    if config is None and x.device.type == "cpu":
-        config = configs_for(bucket, (bh, bw))[0]
-    if config is not None and (bh_p % config.kwargs["BLOCK_N"] or bw_p % config.kwargs["BLOCK_K"]):
-        raise ValueError(f"triton_bsr: config {config.kwargs} does not fit the padded block {bh_p}x{bw_p} "
-                         "(BLOCK_N and BLOCK_K must divide it; use configs_for)")
     args = dict(x_ptr=x2, v_ptr=values.contiguous(), crow_ptr=crow.contiguous(), col_ptr=col.contiguous(),
-                b_ptr=bias if bias is not None else x2, y_ptr=y, M=M, N=N, K=K, M_KEY=_common.token_key(M),
-                BH=bh, BW=bw, BH_P=bh_p, BW_P=bw_p, HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision)
-    nbr = crow.numel() - 1
-
-    def grid(meta_):
-        return (nbr * (bh_p // meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
-
-    _common.launch(_bsr_kernel, lambda: _tuned(bucket, (bh, bw), x.element_size()), grid, args, config, x2)
+                b_ptr=bias if bias is not None else x2, y_ptr=y, M=x2.shape[0], N=N, K=K, HAS_BIAS=bias is not None)
+    _common.launch_block_rows("triton_bsr", _bsr_kernel, _tuned, configs_for, args, crow, bh, bw, x2, config)
     return y.reshape(*lead, N)
 
 

@@ -23,7 +23,7 @@ from torch.library import triton_op
 from sparseprune.ops.hybrid import _reference as _ops_reference
 
 from . import _common
-from .bsr import block_configs, padded
+from ._common import padded
 
 
 @triton.jit
@@ -93,7 +93,7 @@ def _hybrid_kernel(
 
 # Autotune configs by token bucket (_common.token_bucket), tuned per (M_KEY, N, K) for each block
 # shape; BLOCK_N/BLOCK_K clipped to the padded block and stages capped for sm_80's 163 KB
-# (bsr.block_configs). Same tiling rationale as bsr.BSR_CONFIGS, but the in-register 2:4
+# (_common.block_configs). Same tiling rationale as bsr.BSR_CONFIGS, but the in-register 2:4
 # expansion needs about twice the registers per weight element, so weight chunks are kept to
 # <= 32 elements per thread (BLOCK_N * BLOCK_K / threads): no spills on sm_80/sm_90.
 HYBRID_CONFIGS: dict[str, list[triton.Config]] = {
@@ -119,9 +119,9 @@ HYBRID_CONFIGS: dict[str, list[triton.Config]] = {
 
 def configs_for(bucket: str, block: tuple[int, int], elem_size: int = 2) -> list[triton.Config]:
     bh_p, bw_p = padded(block[0]), padded(block[1])
-    return block_configs(HYBRID_CONFIGS[bucket], bh_p, bw_p,
-                         lambda kw: (kw["BLOCK_N"] * (kw["BLOCK_K"] * elem_size // 2 + kw["BLOCK_K"] // 8)
-                                     + kw["BLOCK_M"] * kw["BLOCK_K"] * elem_size))
+    return _common.block_configs(HYBRID_CONFIGS[bucket], bh_p, bw_p,
+                                 lambda kw: (kw["BLOCK_N"] * (kw["BLOCK_K"] * elem_size // 2 + kw["BLOCK_K"] // 8)
+                                             + kw["BLOCK_M"] * kw["BLOCK_K"] * elem_size))
 
 
 @functools.cache
@@ -139,13 +139,7 @@ def _check(x, values, meta, crow, col, in_features, bias) -> tuple[int, int, int
                          f"(height 1..{_common.MAX_BLOCK_DIM}, width a multiple of 8 up to {_common.MAX_BLOCK_DIM})")
     if meta.dtype != torch.uint8 or tuple(meta.shape) != (nnzb, bh, bw // 8):
         raise ValueError(f"triton_hybrid: meta must be uint8 {[nnzb, bh, bw // 8]}, got {meta.dtype} {tuple(meta.shape)}")
-    for name, t in (("crow", crow), ("col", col)):
-        if t.dtype != torch.int32 or t.dim() != 1:
-            raise ValueError(f"triton_hybrid: {name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
-    if col.numel() != nnzb:
-        raise ValueError(f"triton_hybrid: col has {col.numel()} entries but values holds {nnzb} blocks")
-    if in_features % bw:
-        raise ValueError(f"triton_hybrid: in_features={in_features} is not a multiple of the block width {bw}")
+    _common.check_block_index("triton_hybrid", crow, col, nnzb, bw, in_features)
     N = (crow.numel() - 1) * bh
     _common.check_common("triton_hybrid", x, values, bias, N, in_features, {"meta": meta, "crow": crow, "col": col})
     return N, in_features, bh, bw
@@ -156,29 +150,13 @@ def hybrid_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, cr
     """Host launcher. ``config`` launches that config directly (tests); None autotunes on GPU."""
     N, K, bh, bw = _check(x, values, meta, crow, col, in_features, bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K).contiguous()
-    M = x2.shape[0]
-    y = _common.new_output((M, N), x2)
-    if M == 0 or N == 0:
+    x2, y = _common.flat_input_and_output(x, K, N)
+    if x2.shape[0] == 0 or N == 0:
         return y.reshape(*lead, N)
-    bh_p, bw_p = padded(bh), padded(bw)
-    upcast, precision = _common.dot_flags(x.dtype, x.device)
-    bucket = _common.token_bucket(M)
-    if config is None and x.device.type == "cpu":
-        config = configs_for(bucket, (bh, bw))[0]
-    if config is not None and (bh_p % config.kwargs["BLOCK_N"] or bw_p % config.kwargs["BLOCK_K"]):
-        raise ValueError(f"triton_hybrid: config {config.kwargs} does not fit the padded block {bh_p}x{bw_p} "
-                         "(BLOCK_N and BLOCK_K must divide it; use configs_for)")
     args = dict(x_ptr=x2, v_ptr=values.contiguous(), m_ptr=meta.contiguous(), crow_ptr=crow.contiguous(),
                 col_ptr=col.contiguous(), b_ptr=bias if bias is not None else x2, y_ptr=y,
-                M=M, N=N, K=K, M_KEY=_common.token_key(M), BH=bh, BW=bw, BH_P=bh_p, BW_P=bw_p,
-                HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision)
-    nbr = crow.numel() - 1
-
-    def grid(meta_):
-        return (nbr * (bh_p // meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
-
-    _common.launch(_hybrid_kernel, lambda: _tuned(bucket, (bh, bw), x.element_size()), grid, args, config, x2)
+                M=x2.shape[0], N=N, K=K, HAS_BIAS=bias is not None)
+    _common.launch_block_rows("triton_hybrid", _hybrid_kernel, _tuned, configs_for, args, crow, bh, bw, x2, config)
     return y.reshape(*lead, N)
 
 

@@ -144,9 +144,8 @@ def semi24_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bi
     """Host launcher. ``config`` launches that config directly (tests); None autotunes on GPU."""
     N, K = _check(x, values, meta, bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K).contiguous()
+    x2, y = _common.flat_input_and_output(x, K, N)
     M = x2.shape[0]
-    y = _common.new_output((M, N), x2)
     if M == 0 or N == 0:
         return y.reshape(*lead, N)
     values, meta = values.contiguous(), meta.contiguous()
