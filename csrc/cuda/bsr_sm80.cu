@@ -9,21 +9,14 @@ namespace sparseprune::cuda {
 at::Tensor cuda_bsr_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
                            const at::Tensor& col, int64_t in_features, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "sparseprune::cuda_bsr_linear";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  check_cuda_half(x, x, op, "x");
-  check_cuda_half(values, x, op, "values");
-  check_sm80(x, op);
+  check_linear_inputs(x, values, op);
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(values.dim() == 3 && values.is_contiguous(), op, ": values must be contiguous [nnzb, bh, bw]");
   const int64_t nnzb = values.size(0), bh = values.size(1), bw = values.size(2), K = in_features;
   TORCH_CHECK(bh % 16 == 0 && bw % 32 == 0, op, ": tensor-core BSR needs bh % 16 == 0 and bw % 32 == 0, got ", bh,
               "x", bw, " blocks");
   TORCH_CHECK(x.size(-1) == K && K % bw == 0, op, ": x has ", x.size(-1), " features, weight expects ", K);
-  for (const auto* t : {&crow, &col})
-    TORCH_CHECK(t->is_cuda() && t->device() == x.device() && t->scalar_type() == at::kInt && t->dim() == 1 &&
-                    t->is_contiguous(),
-                op, ": crow and col must be contiguous int32 1-D tensors on ", x.device());
-  TORCH_CHECK(col.size(0) == nnzb && crow.size(0) >= 1, op, ": col must have one entry per stored block");
+  check_crow_col(crow, col, nnzb, x, op);
   TORCH_CHECK(nnzb < (int64_t(1) << 31) && K < (int64_t(1) << 31), op, ": weight too large for 32-bit indices");
   // crow/col contents are validated on the host when the weight is built (BlockSparseWeight.validate);
   // re-checking them here would need a device sync per call and break CUDA graph capture, so the kernel
@@ -33,24 +26,11 @@ at::Tensor cuda_bsr_linear(const at::Tensor& x, const at::Tensor& values, const 
   auto x2 = x_for_cp_async(x, K);
   const int64_t B = x2.size(0);
   if (B == 0 || N == 0) return y;
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    check_cuda_half(*bias, x, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ", bias->sizes());
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias(bias, x, N, op);
   BsrArgs a{};
-  a.values = values.data_ptr();
+  set_common_args(a, values, x2, y, b, N, K);
   a.crow = crow.data_ptr<int32_t>();
   a.col = col.data_ptr<int32_t>();
-  a.x = x2.data_ptr();
-  a.ldx = x2.size(1);
-  a.y = y.data_ptr();
-  a.ldy = N;
-  a.bias = b.defined() ? b.data_ptr() : nullptr;
-  a.B = int(B);
-  a.N = int(N);
-  a.K = int(K);
   a.bh = int(bh);
   a.bw = int(bw);
   a.nnzb = int(nnzb);

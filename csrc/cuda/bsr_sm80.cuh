@@ -88,12 +88,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N) bsr_sm80_kernel(const 
   };
 
   float acc[Cfg::kMI][Cfg::kNI][4];
-#pragma unroll
-  for (int a = 0; a < Cfg::kMI; ++a)
-#pragma unroll
-    for (int b = 0; b < Cfg::kNI; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  zero_acc(acc);
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -136,21 +131,14 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N) bsr_sm80_kernel(const 
     }
   }
   cp_async_wait<0>();
-  store_acc_staged<T, Cfg::kMI, Cfg::kNI, BM, BN, Cfg::kThreads>(acc, smem, warp_m * Cfg::kMI * 16,
-                                                                warp_n * (BN / WARPS_N), tid, row0, tok0, p.N, p.B,
-                                                                static_cast<T*>(p.y), p.ldy,
-                                                                static_cast<const T*>(p.bias));
+  store_cta_acc_staged<T, BM, BN, WARPS_N, Cfg::kThreads>(acc, smem, warp_m, warp_n, tid, row0, tok0, p);
 }
 
 template <typename T, int BM, int BN, int WM, int WN, int ST>
 inline cudaError_t launch_bsr_cfg(const BsrArgs& a, cudaStream_t stream) {
   using Cfg = BsrConfig<BM, BN, WM, WN, ST>;
-  auto kern = bsr_sm80_kernel<T, BM, BN, WM, WN, ST>;
-  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  dim3 grid(a.N / BM, (a.B + BN - 1) / BN);
-  kern<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(a);
-  return cudaGetLastError();
+  return launch_with_smem(bsr_sm80_kernel<T, BM, BN, WM, WN, ST>, dim3(a.N / BM, (a.B + BN - 1) / BN), Cfg::kThreads,
+                          Cfg::kSmemBytes, a, stream);
 }
 
 // Needs bh % 16 == 0 and bw % 32 == 0 (checked by the caller). BM = largest of 64/32/16 dividing bh.

@@ -10,10 +10,7 @@ at::Tensor cuda_hybrid_linear(const at::Tensor& x, const at::Tensor& values, con
                               const at::Tensor& crow, const at::Tensor& col, int64_t in_features,
                               const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "sparseprune::cuda_hybrid_linear";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  check_cuda_half(x, x, op, "x");
-  check_cuda_half(values, x, op, "values");
-  check_sm80(x, op);
+  check_linear_inputs(x, values, op);
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(values.dim() == 5 && values.size(3) == 32 && values.size(4) == 8 && values.is_contiguous(), op,
               ": values must be contiguous [nnzb, bh/16, bw/32, 32, 8] (pack_hybrid_sm80), got ", values.sizes());
@@ -25,11 +22,7 @@ at::Tensor cuda_hybrid_linear(const at::Tensor& x, const at::Tensor& values, con
   TORCH_CHECK(bh > 0 && bw > 0, op, ": empty block shape");
   TORCH_CHECK(x.size(-1) == K && K % bw == 0, op, ": x has ", x.size(-1), " features, weight expects ", K,
               " (a multiple of the block width ", bw, ")");
-  for (const auto* t : {&crow, &col})
-    TORCH_CHECK(t->is_cuda() && t->device() == x.device() && t->scalar_type() == at::kInt && t->dim() == 1 &&
-                    t->is_contiguous(),
-                op, ": crow and col must be contiguous int32 1-D tensors on ", x.device());
-  TORCH_CHECK(col.size(0) == nnzb && crow.size(0) >= 1, op, ": col must have one entry per stored block");
+  check_crow_col(crow, col, nnzb, x, op);
   TORCH_CHECK(nnzb < (int64_t(1) << 31) && K < (int64_t(1) << 31), op, ": weight too large for 32-bit indices");
   // crow/col contents are validated on the host when the weight is built (HybridWeight.validate); the
   // kernel clamps crow to [0, nnzb] and skips blocks whose col is outside [0, K/bw) instead of re-checking
@@ -41,25 +34,12 @@ at::Tensor cuda_hybrid_linear(const at::Tensor& x, const at::Tensor& values, con
   const int64_t B = x2.size(0);
   TORCH_CHECK(B < (int64_t(1) << 31), op, ": batch too large");
   if (B == 0 || N == 0) return y;
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    check_cuda_half(*bias, x, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ", bias->sizes());
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias(bias, x, N, op);
   HybridArgs a{};
-  a.values = values.data_ptr();
+  set_common_args(a, values, x2, y, b, N, K);
   a.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
   a.crow = crow.data_ptr<int32_t>();
   a.col = col.data_ptr<int32_t>();
-  a.x = x2.data_ptr();
-  a.ldx = x2.size(1);
-  a.y = y.data_ptr();
-  a.ldy = N;
-  a.bias = b.defined() ? b.data_ptr() : nullptr;
-  a.B = int(B);
-  a.N = int(N);
-  a.K = int(K);
   a.bh = int(bh);
   a.bw = int(bw);
   a.nnzb = int(nnzb);

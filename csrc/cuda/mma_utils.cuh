@@ -1,4 +1,5 @@
-// PTX wrappers shared by the CUDA kernels (torch-free). sm_80+: cp.async, ldmatrix, mma.sync, mma.sp.
+// PTX wrappers, epilogues and launch helpers shared by the CUDA kernels (torch-free). sm_80+: cp.async,
+// ldmatrix, mma.sync, mma.sp.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -80,6 +81,17 @@ __device__ __forceinline__ float to_float(T v) {
   else return __bfloat162float(v);
 }
 
+// Zeroes a warp's fp32 accumulator fragments (MI x NI tiles of 16x8, four values per lane each).
+template <int MI, int NI>
+__device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
+#pragma unroll
+  for (int a = 0; a < MI; ++a)
+#pragma unroll
+    for (int b = 0; b < NI; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+}
+
 // Accumulator tile epilogue shared by the GEMMs computing Y^T = W X^T: acc[mi][ni] is the 16x8 tile at
 // weight rows row0 + 16 mi, tokens tok0 + 8 ni. Writes y[token][row] (+ bias) or fp32 partials.
 template <typename T, int MI, int NI>
@@ -149,6 +161,27 @@ __device__ __forceinline__ void store_acc_staged(const float (&acc)[MI][NI][4], 
       for (int e = 0; e < 8 && col + e < N; ++e) dst[e] = src[e];
     }
   }
+}
+
+// store_acc_staged for the warp grid the three GEMMs share: warp (warp_m, warp_n) of a WARPS_M x WARPS_N CTA
+// holds MI 16-row tiles from CTA row warp_m * MI * 16 and NI 8-token tiles from CTA token warp_n * (BN / WARPS_N).
+// p supplies N, B, y, ldy and bias (the kernels' argument structs). Called by all threads of the CTA.
+template <typename T, int BM, int BN, int WARPS_N, int THREADS, int MI, int NI, typename Args>
+__device__ __forceinline__ void store_cta_acc_staged(const float (&acc)[MI][NI][4], unsigned char* smem, int warp_m,
+                                                     int warp_n, int tid, int row0, int tok0, const Args& p) {
+  store_acc_staged<T, MI, NI, BM, BN, THREADS>(acc, smem, warp_m * MI * 16, warp_n * (BN / WARPS_N), tid, row0, tok0,
+                                               p.N, p.B, static_cast<T*>(p.y), p.ldy, static_cast<const T*>(p.bias));
+}
+
+// Host side: raises kern's dynamic shared-memory limit to smem_bytes (needed above 48 KB), then launches it
+// on grid x threads with that much shared memory. Returns the first CUDA error.
+template <typename Args>
+inline cudaError_t launch_with_smem(void (*kern)(const Args), dim3 grid, int threads, int smem_bytes, const Args& a,
+                                    cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  kern<<<grid, threads, smem_bytes, stream>>>(a);
+  return cudaGetLastError();
 }
 
 // y[b][n] = sum over splits of partial[s][b][n] (+ bias): the split-K reduction.

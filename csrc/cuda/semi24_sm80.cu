@@ -10,10 +10,7 @@ namespace sparseprune::cuda {
 at::Tensor cuda_semi24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                               int64_t out_features, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "sparseprune::cuda_semi24_linear";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  check_cuda_half(x, x, op, "x");
-  check_cuda_half(values, x, op, "values");
-  check_sm80(x, op);
+  check_linear_inputs(x, values, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1), N = out_features;
   const int64_t MT = (N + 15) / 16, KS = (K + 31) / 32;
@@ -31,23 +28,10 @@ at::Tensor cuda_semi24_linear(const at::Tensor& x, const at::Tensor& values, con
   const int64_t B = x2.size(0);
   TORCH_CHECK(B < (int64_t(1) << 31), op, ": batch too large");
   if (B == 0 || N == 0) return y;
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    check_cuda_half(*bias, x, op, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ", bias->sizes());
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias(bias, x, N, op);
   Semi24Args a{};
-  a.values = values.data_ptr();
+  set_common_args(a, values, x2, y, b, N, K);
   a.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
-  a.x = x2.data_ptr();
-  a.ldx = x2.size(1);
-  a.y = y.data_ptr();
-  a.ldy = N;
-  a.bias = b.defined() ? b.data_ptr() : nullptr;
-  a.B = int(B);
-  a.N = int(N);
-  a.K = int(K);
   a.MT = int(MT);
   a.KS = int(KS);
   const int64_t ws_floats = semi24_workspace_floats(a.B, a.N);

@@ -87,12 +87,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   };
 
   float acc[Cfg::kMI][Cfg::kNI][4];
-#pragma unroll
-  for (int a = 0; a < Cfg::kMI; ++a)
-#pragma unroll
-    for (int b = 0; b < Cfg::kNI; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  zero_acc(acc);
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -139,9 +134,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     store_acc<T, Cfg::kMI, Cfg::kNI>(acc, (mtile0 + warp_m * Cfg::kMI) * 16, tok0 + warp_n * (BN / WARPS_N), lane,
                                      p.N, p.B, nullptr, 0, nullptr, partial);
   } else {
-    store_acc_staged<T, Cfg::kMI, Cfg::kNI, BM, BN, Cfg::kThreads>(
-        acc, smem, warp_m * Cfg::kMI * 16, warp_n * (BN / WARPS_N), tid, mtile0 * 16, tok0, p.N, p.B,
-        static_cast<T*>(p.y), p.ldy, static_cast<const T*>(p.bias));
+    store_cta_acc_staged<T, BM, BN, WARPS_N, Cfg::kThreads>(acc, smem, warp_m, warp_n, tid, mtile0 * 16, tok0, p);
   }
 }
 

@@ -7,6 +7,8 @@
 
 #include <cstdlib>
 #include <limits>
+#include <optional>
+#include <vector>
 
 namespace sparseprune::cuda {
 
@@ -35,6 +37,53 @@ inline void check_cuda_half(const at::Tensor& t, const at::Tensor& x, const char
               " must be float16 or bfloat16 (tensor-core kernels), got ", t.scalar_type());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
               " does not match x dtype ", x.scalar_type());
+}
+
+// The checks every *_linear op starts with: x a CUDA tensor, x and values float16/bfloat16 of one dtype on
+// x's device, and an sm_80+ GPU.
+inline void check_linear_inputs(const at::Tensor& x, const at::Tensor& values, const char* op) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  check_cuda_half(x, x, op, "x");
+  check_cuda_half(values, x, op, "values");
+  check_sm80(x, op);
+}
+
+// The BSR block index of the block ops (bsr, hybrid): crow and col contiguous int32 1-D on x's device, one
+// col entry per stored block. Their contents are not read here (that would need a device sync).
+inline void check_crow_col(const at::Tensor& crow, const at::Tensor& col, int64_t nnzb, const at::Tensor& x,
+                           const char* op) {
+  for (const auto* t : {&crow, &col})
+    TORCH_CHECK(t->is_cuda() && t->device() == x.device() && t->scalar_type() == at::kInt && t->dim() == 1 &&
+                    t->is_contiguous(),
+                op, ": crow and col must be contiguous int32 1-D tensors on ", x.device());
+  TORCH_CHECK(col.size(0) == nnzb && crow.size(0) >= 1, op, ": col must have one entry per stored block");
+}
+
+// The optional bias checked (x's device and dtype, shape [N]) and made contiguous; undefined when absent.
+inline at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N, const char* op) {
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    check_cuda_half(*bias, x, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ", bias->sizes());
+    b = bias->contiguous();
+  }
+  return b;
+}
+
+// Fills the fields the kernels' argument structs share: weight values, x2 [B, ldx] as prepared by
+// x_for_cp_async, y [B, N], the bias (b from checked_bias, may be undefined) and B, N, K.
+template <typename Args>
+inline void set_common_args(Args& a, const at::Tensor& values, const at::Tensor& x2, const at::Tensor& y,
+                            const at::Tensor& b, int64_t N, int64_t K) {
+  a.values = values.data_ptr();
+  a.x = x2.data_ptr();
+  a.ldx = x2.size(1);
+  a.y = y.data_ptr();
+  a.ldy = N;
+  a.bias = b.defined() ? b.data_ptr() : nullptr;
+  a.B = int(x2.size(0));
+  a.N = int(N);
+  a.K = int(K);
 }
 
 inline at::Tensor new_output(const at::Tensor& x, int64_t N) {
