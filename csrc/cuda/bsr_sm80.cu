@@ -22,9 +22,11 @@ at::Tensor cuda_bsr_linear(const at::Tensor& x, const at::Tensor& values, const 
   // re-checking them here would need a device sync per call and break CUDA graph capture, so the kernel
   // clamps crow to [0, nnzb] and skips blocks whose col is outside [0, K/bw) instead (bsr_sm80.cuh).
   const int64_t N = (crow.size(0) - 1) * bh;
+  TORCH_CHECK(N < (int64_t(1) << 31), op, ": out_features too large");  // the kernel indexes rows in int
   auto y = new_output(x, N);
   auto x2 = x_for_cp_async(x, K);
   const int64_t B = x2.size(0);
+  TORCH_CHECK(B < (int64_t(1) << 31), op, ": batch too large");
   if (B == 0 || N == 0) return y;
   const at::Tensor b = checked_bias(bias, x, N, op);
   BsrArgs a{};

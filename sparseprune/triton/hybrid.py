@@ -67,8 +67,8 @@ def _hybrid_kernel(
                             mask=r_ok[:, None] & (c8 + kc // 8 < BW // 8)[None, :], other=0)
         xt = tl.load(x_tile + (c * BW + kc), mask=(cols + kc < BW)[:, None] & m_ok[None, :], other=0.0)
 
-        # Expand 2:4 -> dense [BLOCK_N, BLOCK_K] exactly as in semi24._semi24_kernel (kept inline:
-        # see _common's note on helpers and the interpreter).
+        # Expand 2:4 -> dense [BLOCK_N, BLOCK_K] exactly as in semi24._semi24_kernel (kept inline
+        # in each kernel rather than shared as a @triton.jit helper).
         lo, hi = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_K // 4, 2)))
         code = tl.reshape(tl.join(mbyte & 0xF, mbyte >> 4), (BLOCK_N, BLOCK_K // 4))
         p0 = code & 3
