@@ -1,5 +1,5 @@
 // Torch-free CPU kernel interface. kernels_isa.cpp is compiled once per ISA level (generic, AVX2,
-// AVX-512) into its own namespace; dispatch.cpp picks one at run time. The torch-facing files
+// AVX-512, AVX-512+BF16) into its own namespace; dispatch.cpp picks one at run time. The torch-facing files
 // (semi24_linear.cpp, ...) check tensors and call these.
 #pragma once
 #include <cstdint>
@@ -32,7 +32,7 @@ void bsr_linear(const LinearProblem& p, const void* values, const int32_t* crow,
 void hybrid_linear(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
                    const int32_t* col, int64_t bh, int64_t bw);
 
-// Name of the ISA level in use: "avx512", "avx2" or "generic".
+// Name of the ISA level in use: "avx512bf16", "avx512", "avx2" or "generic".
 const char* active_isa_name();
 
 }  // namespace sparseprune::cpu
