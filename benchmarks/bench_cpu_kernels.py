@@ -12,11 +12,12 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import statistics
 import time
 
 import torch
+
+from sparseprune._device import cpu_name
 import torch.nn.functional as F
 
 import sparseprune  # noqa: F401
@@ -24,17 +25,6 @@ from sparseprune.formats import BlockSparseWeight, HybridWeight, Semi24Weight
 from sparseprune.ops import bsr, hybrid, semi24
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def mask_24(n, k, g):
@@ -59,7 +49,7 @@ def make_cases(n, k, dtype, g):
     cases.append(("semi24", 0.5, (lambda p: lambda x: semi24.semi24_linear(x, p.values, p.meta))(p)))
     for sp in (0.5, 0.75, 0.9):
         p = BlockSparseWeight.from_dense(w.to(dtype), (32, 32), block_mask(n, k, (32, 32), sp, g))
-        cases.append((f"bsr32x32", sp, (lambda p: lambda x: bsr.bsr_linear(x, p.values, p.crow, p.col, k))(p)))
+        cases.append(("bsr32x32", sp, (lambda p: lambda x: bsr.bsr_linear(x, p.values, p.crow, p.col, k))(p)))
     p = HybridWeight.from_dense((w * m24).to(dtype), (32, 32), block_mask(n, k, (32, 32), 0.75, g))
     cases.append(("hybrid32x32", 0.875, (lambda p: lambda x: hybrid.hybrid_linear(x, p.values, p.meta, p.crow, p.col, k))(p)))
     return w.to(dtype), cases

@@ -161,7 +161,6 @@ def main(argv=None):
                         if "ms_eager" in rec:
                             print(f"  {n}x{k} {fmt:14s} b={m:5d} {impl}/{backend:7s} {rec['ms_eager'] * 1e3:9.1f} us "
                                   f"({rec['speedup_eager']:.2f}x eager, {rec['speedup_graph']:.2f}x graph)")
-                    del x
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import threading
 import time
 import warnings
@@ -37,6 +36,7 @@ import warnings
 import torch
 
 from . import backends as _backends
+from ._device import cpu_name
 from ._native import build_info
 from ._version import __version__
 
@@ -69,25 +69,13 @@ def enabled() -> bool:
     return os.environ.get("SPARSEPRUNE_AUTOTUNE", "1") not in ("0", "false", "off")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_key(device) -> str:
     """Device name plus what changes timings: library versions, CPU ISA level and thread count."""
-
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     elif device.type == "cpu":
-        name = f"{_cpu_name()} isa={build_info()['cpu_isa_active']} threads={torch.get_num_threads()}"
+        name = f"{cpu_name()} isa={build_info()['cpu_isa_active']} threads={torch.get_num_threads()}"
     else:
         name = device.type
     return f"{device.type}:{name}|torch={torch.__version__}|sparseprune={__version__}"

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseprune.formats import BlockSparseWeight, HybridWeight, Semi24Weight
+from sparseprune.ops import bsr, hybrid, semi24
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Absolute floor as a fraction of the output scale, per dtype (the relative part is 2x torch's own error).
@@ -58,3 +59,12 @@ def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, w_dense: torch.Te
     scale = ref64.abs().max().item()
     tol = 2 * torch_err + FLOOR[dtype] * max(scale, 1.0)
     assert err <= tol, f"max error {err:.3g} > tol {tol:.3g} (torch's own error {torch_err:.3g}, scale {scale:.3g})"
+
+
+def call_op(kind: str, packed, x: torch.Tensor, bias=None) -> torch.Tensor:
+    """Runs the C++ op of ``packed``'s format (the backend picked by the tensors' device)."""
+    if kind == "semi24":
+        return semi24.semi24_linear(x, packed.values, packed.meta, bias)
+    if kind == "bsr":
+        return bsr.bsr_linear(x, packed.values, packed.crow, packed.col, packed.shape[1], bias)
+    return hybrid.hybrid_linear(x, packed.values, packed.meta, packed.crow, packed.col, packed.shape[1], bias)

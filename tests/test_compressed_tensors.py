@@ -2,7 +2,6 @@
 encoder/decoder (numpy.packbits, little bit order, as llm-compressor writes it), round trips with
 real safetensors files and config.json, and malformed tensors refused by name."""
 
-import copy
 import json
 
 import numpy as np

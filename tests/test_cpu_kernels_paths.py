@@ -15,21 +15,13 @@ batch tiles per synchronisation.
 import pytest
 import torch
 
-from sparseprune.ops import bsr, hybrid, semi24
+from sparseprune.ops import semi24
 from tests.conftest import cpu_isas
-from tests.helpers import DTYPE_IDS, DTYPES, assert_matches_reference, random_weight
+from tests.helpers import DTYPE_IDS, DTYPES, assert_matches_reference, call_op, random_weight
 
 # GEMV (<= 4 / <= 2), the thresholds' neighbours, and tile tails of every vector count at
 # vector widths 4, 8 and 16 (batch tiles of 16, 32, 64 rows).
 BATCHES = [1, 2, 3, 4, 5, 6, 8, 9, 15, 16, 17, 31, 33, 48, 63, 64, 65, 100, 129]
-
-
-def _call(kind, packed, x, bias=None):
-    if kind == "semi24":
-        return semi24.semi24_linear(x, packed.values, packed.meta, bias)
-    if kind == "bsr":
-        return bsr.bsr_linear(x, packed.values, packed.crow, packed.col, packed.shape[1], bias)
-    return hybrid.hybrid_linear(x, packed.values, packed.meta, packed.crow, packed.col, packed.shape[1], bias)
 
 
 @pytest.fixture(params=cpu_isas(), ids=lambda i: f"isa={i}")
@@ -43,7 +35,7 @@ def _check_batches(kind, packed, wd, k, dtype, batches=BATCHES):
     for b in batches:
         x = torch.randn(b, k).to(dtype)
         bias = torch.randn(n).to(dtype) if b % 2 else None
-        assert_matches_reference(_call(kind, packed, x, bias), x, wd, bias)
+        assert_matches_reference(call_op(kind, packed, x, bias), x, wd, bias)
 
 
 # semi24: K/4 odd (odd group count, pad nibble), K below / not a multiple of the SIMD chunk (32 or
@@ -148,10 +140,10 @@ def test_nan_and_inf_in_x_propagate(isa, kind):
         x = torch.randn(b, k)
         ks = torch.randint(0, k, (b,))
         x[torch.arange(b), ks] = float("nan")
-        y = _call(kind, packed, x)
+        y = call_op(kind, packed, x)
         expect_nan = stored[:, ks].T  # [b, n]
         assert torch.equal(torch.isnan(y), expect_nan)
         x = torch.randn(b, k)
         x[torch.arange(b), ks] = float("inf")
-        y = _call(kind, packed, x)
+        y = call_op(kind, packed, x)
         assert torch.equal(~torch.isfinite(y), expect_nan)

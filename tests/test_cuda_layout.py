@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparseprune import cuda_layout as L
-from sparseprune.formats import FormatError, Semi24Weight
+from sparseprune.formats import Semi24Weight
 from tests.helpers import random_24_mask
 
 pack = torch.ops.sparseprune.pack_semi24_sm80.default

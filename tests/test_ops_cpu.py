@@ -5,7 +5,7 @@ import torch
 
 from sparseprune.ops import bsr, hybrid, semi24
 from tests.conftest import cpu_isas
-from tests.helpers import DTYPE_IDS, DTYPES, assert_matches_reference, random_weight
+from tests.helpers import DTYPE_IDS, DTYPES, assert_matches_reference, call_op, random_weight
 
 BATCHES = [0, 1, 2, 3, 5, 17, 64, 130]
 # (N, K, block): odd but valid shapes alongside aligned ones
@@ -13,14 +13,6 @@ SHAPES = [(8, 16, (8, 8)), (48, 36, (16, 4)), (96, 200, (32, 8)), (128, 256, (32
 # hybrid blocks need bw % 8 == 0
 HYBRID_SHAPES = [(8, 16, (8, 8)), (48, 40, (16, 8)), (96, 200, (32, 8)), (128, 256, (32, 32)), (160, 384, (32, 64))]
 CASES = [(k, s) for k in ("semi24", "bsr") for s in SHAPES] + [("hybrid", s) for s in HYBRID_SHAPES]
-
-
-def _call(kind, packed, x, bias):
-    if kind == "semi24":
-        return semi24.semi24_linear(x, packed.values, packed.meta, bias)
-    if kind == "bsr":
-        return bsr.bsr_linear(x, packed.values, packed.crow, packed.col, packed.shape[1], bias)
-    return hybrid.hybrid_linear(x, packed.values, packed.meta, packed.crow, packed.col, packed.shape[1], bias)
 
 
 @pytest.fixture(params=cpu_isas(), ids=lambda i: f"isa={i}")
@@ -37,7 +29,7 @@ def test_linear_matches_reference(isa, kind, shape, dtype):
     for b in BATCHES:
         x = torch.randn(b, k).to(dtype)
         bias = torch.randn(n).to(dtype) if b % 2 else None
-        y = _call(kind, packed, x, bias)
+        y = call_op(kind, packed, x, bias)
         assert_matches_reference(y, x, wd, bias)
 
 
@@ -46,11 +38,11 @@ def test_leading_batch_dims_and_large_batch(isa, kind):
     packed, wd = random_weight(kind, 64, 128, torch.float32, block=(16, 32), density=0.5)
     x = torch.randn(3, 5, 7, 128)
     bias = torch.randn(64)
-    y = _call(kind, packed, x, bias)
+    y = call_op(kind, packed, x, bias)
     assert y.shape == (3, 5, 7, 64)
     assert_matches_reference(y, x, wd, bias)
     x = torch.randn(4099, 128)  # large, not a multiple of any tile
-    assert_matches_reference(_call(kind, packed, x, bias), x, wd, bias)
+    assert_matches_reference(call_op(kind, packed, x, bias), x, wd, bias)
 
 
 @pytest.mark.parametrize("kind", ["bsr", "hybrid"])
@@ -59,7 +51,7 @@ def test_empty_block_rows_and_fully_empty_weight(isa, kind):
     assert packed.nnzb == 0
     x = torch.randn(5, 64)
     bias = torch.randn(64)
-    y = _call(kind, packed, x, bias)
+    y = call_op(kind, packed, x, bias)
     assert_matches_reference(y, x, wd, bias)
     assert torch.equal(y, bias.expand(5, 64))
 

@@ -38,6 +38,7 @@ from torch import nn
 from .. import prune as sp_prune
 from ..convert import convert
 from ..modules import SparseLinear
+from .._device import device_name
 from .timing import compare
 
 
@@ -439,8 +440,6 @@ def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks
 
     The trained LM is saved in ``out_dir`` and reused by later runs with the same settings.
     """
-    from .speed import device_name
-
     dev = torch.device(device)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()

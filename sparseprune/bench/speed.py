@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import platform
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .._device import device_name
 from ..convert import pack
 from ..modules import SparseLinear
 from ..prune.masks import make_mask
@@ -60,19 +60,6 @@ CASES = [
 QUICK_CASES = ["2:4", "block32 90%", "hybrid 87.5%", "torch-bsr32 90%", "torch-csr 90%"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _check(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -140,7 +127,6 @@ def run(out_dir: str, *, quick: bool = False, device: str = "cpu", dtype: str = 
                                  "backend": used, "bytes_ratio": round(bytes_ratio, 4),
                                  "ms_dense": round(res["base_s"] * 1e3, 4), "ms_sparse": round(res["s"] * 1e3, 4),
                                  "speedup": round(res["speedup"], 3), "rounds": res["rounds"]})
-                    del x, made, fn
     if bar is not None:
         bar.close()
     os.makedirs(out_dir, exist_ok=True)

@@ -23,7 +23,7 @@ block 0's inputs are captured (the sentinel would abort the caller's loop).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
