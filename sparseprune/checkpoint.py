@@ -160,6 +160,13 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
     meta, tensors = _read(path)
     config = _parse_config(meta, path)
     used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise ValueError(f"{key}: missing from {os.fspath(path)}")
+        used.add(key)
+        return tensors[key]
+
     report = Report(pattern=str(config.get("pattern")), method=str(config.get("method")))
     new_modules: dict[str, SparseLinear] = {}
     for name, cfg in config["layers"].items():
@@ -175,34 +182,20 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
             raise ValueError(f"{name}: checkpoint layer is {shape[0]}x{shape[1]} but the model's is "
                              f"{old_shape[0]}x{old_shape[1]}")
         fmt = FORMATS[kind]
-        parts = {}
-        for tn in fmt.tensor_names():
-            key = f"{name}.{tn}"
-            if key not in tensors:
-                raise ValueError(f"{key}: missing from {os.fspath(path)}")
-            parts[tn] = tensors[key]
-            used.add(key)
+        parts = {tn: take(f"{name}.{tn}") for tn in fmt.tensor_names()}
         if parts["values"].dtype != dtype:
             raise ValueError(f"{name}.values has dtype {parts['values'].dtype}, the config says {dtype}")
         packed = fmt.from_tensors(parts, shape, name=name)  # validates everything (FormatError names the tensor)
         if bs is not None and tuple(packed.block_size) != bs:
             raise ValueError(f"{name}.values holds {packed.block_size} blocks, the config says {bs}")
-        bias = None
-        if cfg.get("bias"):
+        bias = take(f"{name}.bias") if cfg.get("bias") else None
+        if bias is not None:
             key = f"{name}.bias"
-            if key not in tensors:
-                raise ValueError(f"{key}: missing from {os.fspath(path)}")
-            bias = tensors[key]
-            used.add(key)
             if bias.dtype != dtype or tuple(bias.shape) != (shape[0],):
                 raise ValueError(f"{key} must be {dtype} of shape ({shape[0]},), got {bias.dtype} {tuple(bias.shape)}")
-        in_perm = None
-        if cfg.get("in_perm"):
+        in_perm = take(f"{name}.in_perm") if cfg.get("in_perm") else None
+        if in_perm is not None:
             key = f"{name}.in_perm"
-            if key not in tensors:
-                raise ValueError(f"{key}: missing from {os.fspath(path)}")
-            in_perm = tensors[key]
-            used.add(key)
             if in_perm.dtype not in (torch.int64, torch.int32) or tuple(in_perm.shape) != (shape[1],):
                 raise ValueError(f"{key} must be int64 of shape ({shape[1]},), got {in_perm.dtype} {tuple(in_perm.shape)}")
             if not torch.equal(in_perm.to(torch.int64).sort().values, torch.arange(shape[1])):

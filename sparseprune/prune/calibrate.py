@@ -300,19 +300,25 @@ def _progress(total: int, enabled: bool):
 
 def _collect_and_prune(model, plans, method, calibration, pruner):
     """Fallback: hooks on ``plans``' layers, one full pass over the calibration data, prune."""
-    if not plans:
-        return
-    stats, handles = _stat_hooks(model, plans, getattr(method, "needs_hessian", False))
+    if plans:
+        _gather_and_prune(model, plans, getattr(method, "needs_hessian", False),
+                          lambda: run_calibration(model, calibration), pruner,
+                          "during calibration (is it used by forward()?)")
+
+
+def _gather_and_prune(model, plans, hessian: bool, run, pruner, where: str) -> None:
+    """Hooks on ``plans``' layers while ``run()`` feeds them, then prunes each from its statistics."""
+    stats, handles = _stat_hooks(model, plans, hessian)
     try:
-        run_calibration(model, calibration)
+        run()
     finally:
         for h in handles:
             h.remove()
     for p in plans:
         if stats[p.name].n == 0:
-            raise RuntimeError(f"layer {p.name} received no input during calibration (is it used by forward()?)")
+            raise RuntimeError(f"layer {p.name} received no input {where}")
         pruner(p, stats[p.name])
-        del stats[p.name]
+        del stats[p.name]  # frees the Hessian before the next layer's update
 
 
 def _block_by_block(model, plans, method, calibration, pruner, stack) -> list:
@@ -344,18 +350,11 @@ def _block_by_block(model, plans, method, calibration, pruner, stack) -> list:
             block = blocks[i]
             todo = by_block.get(i, [])
             if todo:
-                stats, handles = _stat_hooks(model, todo, hessian)
-                try:
+                def run_block(block=block):
                     for rec, h in zip(records, hidden):
                         _run_block(block, rec, h)
-                finally:
-                    for hd in handles:
-                        hd.remove()
-                for p in todo:
-                    if stats[p.name].n == 0:
-                        raise RuntimeError(f"layer {p.name} received no input while running its block")
-                    pruner(p, stats[p.name])
-                    del stats[p.name]
+
+                _gather_and_prune(model, todo, hessian, run_block, pruner, "while running its block")
             if i < last:
                 # Outputs of the (now pruned) block become the next block's inputs, in place.
                 for j, (rec, h) in enumerate(zip(records, hidden)):
