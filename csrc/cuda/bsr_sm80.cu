@@ -23,14 +23,10 @@ at::Tensor cuda_bsr_linear(const at::Tensor& x, const at::Tensor& values, const 
   // clamps crow to [0, nnzb] and skips blocks whose col is outside [0, K/bw) instead (bsr_sm80.cuh).
   const int64_t N = (crow.size(0) - 1) * bh;
   TORCH_CHECK(N < (int64_t(1) << 31), op, ": out_features too large");  // the kernel indexes rows in int
-  auto y = new_output(x, N);
-  auto x2 = x_for_cp_async(x, K);
-  const int64_t B = x2.size(0);
-  TORCH_CHECK(B < (int64_t(1) << 31), op, ": batch too large");
-  if (B == 0 || N == 0) return y;
-  const at::Tensor b = checked_bias(bias, x, N, op);
+  const LinearIO io = prepare_io(x, bias, N, K, op);
+  if (io.empty()) return io.y;
   BsrArgs a{};
-  set_common_args(a, values, x2, y, b, N, K);
+  set_common_args(a, values, io, N, K);
   a.crow = crow.data_ptr<int32_t>();
   a.col = col.data_ptr<int32_t>();
   a.bh = int(bh);
@@ -40,7 +36,7 @@ at::Tensor cuda_bsr_linear(const at::Tensor& x, const at::Tensor& values, const 
   const cudaError_t err = x.scalar_type() == at::kHalf ? launch_bsr_sm80<__half>(a, stream)
                                                        : launch_bsr_sm80<__nv_bfloat16>(a, stream);
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
-  return y;
+  return io.y;
 }
 
 }  // namespace sparseprune::cuda

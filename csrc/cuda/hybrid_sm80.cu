@@ -29,14 +29,10 @@ at::Tensor cuda_hybrid_linear(const at::Tensor& x, const at::Tensor& values, con
   // here, which would need a device sync per call and break CUDA graph capture.
   const int64_t N = (crow.size(0) - 1) * bh;
   TORCH_CHECK(N < (int64_t(1) << 31), op, ": out_features too large");
-  auto y = new_output(x, N);
-  auto x2 = x_for_cp_async(x, K);
-  const int64_t B = x2.size(0);
-  TORCH_CHECK(B < (int64_t(1) << 31), op, ": batch too large");
-  if (B == 0 || N == 0) return y;
-  const at::Tensor b = checked_bias(bias, x, N, op);
+  const LinearIO io = prepare_io(x, bias, N, K, op);
+  if (io.empty()) return io.y;
   HybridArgs a{};
-  set_common_args(a, values, x2, y, b, N, K);
+  set_common_args(a, values, io, N, K);
   a.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
   a.crow = crow.data_ptr<int32_t>();
   a.col = col.data_ptr<int32_t>();
@@ -47,7 +43,7 @@ at::Tensor cuda_hybrid_linear(const at::Tensor& x, const at::Tensor& values, con
   const cudaError_t err = x.scalar_type() == at::kHalf ? launch_hybrid_sm80<__half>(a, stream)
                                                        : launch_hybrid_sm80<__nv_bfloat16>(a, stream);
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
-  return y;
+  return io.y;
 }
 
 }  // namespace sparseprune::cuda

@@ -23,14 +23,10 @@ at::Tensor cuda_semi24_linear(const at::Tensor& x, const at::Tensor& values, con
                   meta.size(0) == MT && meta.size(1) == KS && meta.size(2) == 16 && meta.is_contiguous(),
               op, ": meta must be contiguous int32 [", MT, ", ", KS, ", 16] on ", x.device());
   TORCH_CHECK(N < (int64_t(1) << 31) && KS < (int64_t(1) << 30), op, ": weight too large for 32-bit tile indices");
-  auto y = new_output(x, N);
-  auto x2 = x_for_cp_async(x, K);
-  const int64_t B = x2.size(0);
-  TORCH_CHECK(B < (int64_t(1) << 31), op, ": batch too large");
-  if (B == 0 || N == 0) return y;
-  const at::Tensor b = checked_bias(bias, x, N, op);
+  const LinearIO io = prepare_io(x, bias, N, K, op);
+  if (io.empty()) return io.y;
   Semi24Args a{};
-  set_common_args(a, values, x2, y, b, N, K);
+  set_common_args(a, values, io, N, K);
   a.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
   a.MT = int(MT);
   a.KS = int(KS);
@@ -44,7 +40,7 @@ at::Tensor cuda_semi24_linear(const at::Tensor& x, const at::Tensor& values, con
                               ? launch_semi24_sm80<__half>(a, sms, stream, wsp, ws_floats)
                               : launch_semi24_sm80<__nv_bfloat16>(a, sms, stream, wsp, ws_floats);
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
-  return y;
+  return io.y;
 }
 
 std::tuple<at::Tensor, at::Tensor> pack_semi24_sm80_cuda(const at::Tensor& dense) {

@@ -70,22 +70,6 @@ inline at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const at::
   return b;
 }
 
-// Fills the fields the kernels' argument structs share: weight values, x2 [B, ldx] as prepared by
-// x_for_cp_async, y [B, N], the bias (b from checked_bias, may be undefined) and B, N, K.
-template <typename Args>
-inline void set_common_args(Args& a, const at::Tensor& values, const at::Tensor& x2, const at::Tensor& y,
-                            const at::Tensor& b, int64_t N, int64_t K) {
-  a.values = values.data_ptr();
-  a.x = x2.data_ptr();
-  a.ldx = x2.size(1);
-  a.y = y.data_ptr();
-  a.ldy = N;
-  a.bias = b.defined() ? b.data_ptr() : nullptr;
-  a.B = int(x2.size(0));
-  a.N = int(N);
-  a.K = int(K);
-}
-
 inline at::Tensor new_output(const at::Tensor& x, int64_t N) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
@@ -105,6 +89,38 @@ inline at::Tensor x_for_cp_async(const at::Tensor& x, int64_t K) {
   auto xp = at::zeros({x2.size(0), K8}, x2.options());
   xp.narrow(1, 0, K).copy_(x2);
   return xp;
+}
+
+// What every op needs once its weight-specific checks passed: the output y [..., N] (poisoned in
+// tests), x as x_for_cp_async prepared it, and the checked bias (undefined when absent).
+struct LinearIO {
+  at::Tensor y, x2, bias;
+  bool empty() const { return x2.size(0) == 0 || y.size(-1) == 0; }  // nothing to launch: y is the answer
+};
+
+inline LinearIO prepare_io(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t N, int64_t K,
+                           const char* op) {
+  LinearIO io;
+  io.y = new_output(x, N);
+  io.x2 = x_for_cp_async(x, K);
+  TORCH_CHECK(io.x2.size(0) < (int64_t(1) << 31), op, ": batch too large");  // the kernels index tokens in int
+  if (!io.empty()) io.bias = checked_bias(bias, x, N, op);
+  return io;
+}
+
+// Fills the fields the kernels' argument structs share: weight values, x2 [B, ldx], y [B, N], the
+// bias (may be absent) and B, N, K.
+template <typename Args>
+inline void set_common_args(Args& a, const at::Tensor& values, const LinearIO& io, int64_t N, int64_t K) {
+  a.values = values.data_ptr();
+  a.x = io.x2.data_ptr();
+  a.ldx = io.x2.size(1);
+  a.y = io.y.data_ptr();
+  a.ldy = N;
+  a.bias = io.bias.defined() ? io.bias.data_ptr() : nullptr;
+  a.B = int(io.x2.size(0));
+  a.N = int(N);
+  a.K = int(K);
 }
 
 }  // namespace sparseprune::cuda
