@@ -73,3 +73,18 @@ def test_stdlib_text_ships_offline():
     train, val = acc.stdlib_text(200_000)
     assert train.numel() == 200_000 and val.numel() >= 25_000
     assert int(train.max()) < 256
+
+
+def test_lm_task_trains_once_then_loads_from_cache(tmp_path):
+    """The trained LM is saved and the next run loads it (it used to crash building a scheduler for 0 steps)."""
+    pytest.importorskip("transformers")
+    size = acc.LMSize(hidden=32, inter=64, layers=2, steps=3, batch=2, train_bytes=150_000, val_windows=4,
+                      calib_batches=1)
+    logs = []
+    first = acc.build_lm_task(True, torch.device("cpu"), log=logs.append, cache_dir=str(tmp_path), size=size)
+    assert first.notes["trained"] and len(list(tmp_path.glob("accuracy_lm_*.safetensors"))) == 1
+    second = acc.build_lm_task(True, torch.device("cpu"), log=logs.append, cache_dir=str(tmp_path), size=size)
+    assert not second.notes["trained"] and any("loaded" in line for line in logs)
+    assert second.evaluate(second.model) == first.evaluate(first.model)
+    # same calibration bytes whether the model was trained or loaded
+    assert all(torch.equal(a, b) for a, b in zip(first.calibration, second.calibration))

@@ -310,3 +310,54 @@ def test_global_budget_with_calibration():
     total = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
     zeros = sum((m.weight == 0).sum().item() for m in model if isinstance(m, nn.Linear))
     assert abs(zeros / total - 0.5) < 0.02
+
+
+@torch.no_grad()
+def _scale_features(model, channels, s: float) -> None:
+    """LLM-style outlier features, function preserved: every linear layer of the Llama's blocks reads
+    ``channels`` s times larger through weights s times smaller (norm gains feed q/k/v and gate/up,
+    v_proj rows feed o_proj, up_proj rows feed down_proj)."""
+    for b in model.model.layers:
+        at, mlp = b.self_attn, b.mlp
+        for norm, consumers in ((b.input_layernorm, (at.q_proj, at.k_proj, at.v_proj)),
+                                (b.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+            norm.weight[channels] *= s
+            for lin in consumers:
+                lin.weight[:, channels] /= s
+        # v row r (kv head r // hd) is read by every query head sharing that kv head (GQA)
+        hd, rep = at.head_dim, at.num_key_value_groups
+        o_cols = torch.tensor([(c // hd * rep + g) * hd + c % hd for c in channels.tolist() for g in range(rep)])
+        at.v_proj.weight[channels] *= s
+        at.o_proj.weight[:, o_cols] /= s
+        mlp.up_proj.weight[channels] *= s
+        mlp.down_proj.weight[:, channels] /= s
+
+
+def test_wanda_is_blind_to_outlier_reparametrization_magnitude_is_not():
+    """The reason Wanda beats magnitude on large LLMs: their inputs carry a few features far larger
+    than the rest, read through small weights. Re-parametrizing a Llama that way (x8, a power of
+    two, so every product is bit-identical) must leave Wanda's masks exactly unchanged, block by
+    block through the already-pruned blocks, while magnitude now prunes the small-weight columns."""
+    model = _tiny_llama()
+    ids = [torch.randint(0, 256, (2, 12)) for _ in range(3)]
+    scaled = copy.deepcopy(model)
+    channels = torch.tensor([3, 17])
+    _scale_features(scaled, channels, 8.0)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(input_ids=ids[0]).logits, model(input_ids=ids[0]).logits,
+                                   rtol=1e-5, atol=1e-5)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    masks = {}
+    for key, m in (("plain", model), ("scaled", scaled)):
+        for meth in ("wanda", "magnitude"):
+            mm = copy.deepcopy(m)
+            sparseprune.prune(mm, "2:4", method=meth, include="model.layers.*",
+                              calibration=ids if meth == "wanda" else None)
+            masks[key, meth] = {n: mm.get_submodule(n).weight != 0 for n in names}
+    for n in names:
+        assert torch.equal(masks["plain", "wanda"][n], masks["scaled", "wanda"][n]), n
+    changed = [n for n in names if not torch.equal(masks["plain", "magnitude"][n], masks["scaled", "magnitude"][n])]
+    assert len(changed) == len(names)  # every layer reads scaled inputs, so magnitude's choice moves in each
+    # and magnitude now drops the scaled (important) inputs: their columns keep far fewer weights
+    q = "model.layers.0.self_attn.q_proj"
+    assert masks["scaled", "magnitude"][q][:, channels].float().mean() < 0.1

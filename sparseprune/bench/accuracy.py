@@ -117,36 +117,37 @@ def _windows(data: torch.Tensor, seq: int, count: int, gen: torch.Generator) -> 
 
 # --- the small language model -----------------------------------------------------------------------
 
-def build_lm_task(quick: bool, device: torch.device, seed: int = 0, log=print, cache_dir: str | None = None) -> Task:
-    """Trains (or loads from ``cache_dir``, where it is saved after training) the small Llama."""
-    import safetensors.torch
-    import transformers
+@dataclass(frozen=True)
+class LMSize:
+    hidden: int
+    inter: int
+    layers: int
+    steps: int
+    batch: int
+    train_bytes: int
+    val_windows: int
+    calib_batches: int  # of 8 windows each
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    seq = 128
-    hidden, inter, layers = (128, 384, 4) if quick else (192, 512, 4)
-    steps, batch = (160, 16) if quick else (1200, 24)
-    train, val = stdlib_text(1_500_000 if quick else 4_000_000)
-    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
-                                   max_position_embeddings=seq, tie_word_embeddings=False, use_cache=False)
-    model = transformers.LlamaForCausalLM(cfg).to(device)
-    ckpt = None
-    if cache_dir:
-        ckpt = os.path.join(cache_dir, f"accuracy_lm_h{hidden}_i{inter}_l{layers}_s{steps}_b{batch}_seed{seed}.safetensors")
-    t0 = time.perf_counter()
-    if ckpt and os.path.exists(ckpt):
-        model.load_state_dict(safetensors.torch.load_file(ckpt, device=str(device)))
-        log(f"  lm: loaded the trained model from {ckpt} (delete it to retrain)")
-        steps = 0
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    warm = steps // 20
+
+LM_SIZES = {"quick": LMSize(128, 384, 4, 160, 16, 1_500_000, 48, 4),
+            "full": LMSize(192, 512, 4, 1200, 24, 4_000_000, 128, 8)}
+
+
+def _train_lm(model, train, seq, size: LMSize, gen, device, log, t0) -> None:
+    """AdamW with linear warm-up and cosine decay, gradient clipping at 1. As in the usual LLM
+    recipes only matrices are decayed: norm gains are free to grow (that is where outlier
+    features show up in large models)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    free = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": free, "weight_decay": 0.0}],
+                            lr=3e-3, betas=(0.9, 0.95))
+    steps = size.steps
+    warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     for step in range(steps):
-        w = _windows(train, seq, batch, gen).to(device)
+        w = _windows(train, seq, size.batch, gen).to(device)
         logits = model(input_ids=w[:, :-1]).logits
         loss = F.cross_entropy(logits.reshape(-1, 256), w[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -156,12 +157,43 @@ def build_lm_task(quick: bool, device: torch.device, seed: int = 0, log=print, c
         sched.step()
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"  lm: step {step + 1}/{steps} train loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+
+
+def build_lm_task(quick: bool, device: torch.device, seed: int = 0, log=print, cache_dir: str | None = None,
+                  size: LMSize | None = None) -> Task:
+    """Trains (or loads from ``cache_dir``, where it is saved after training) the small Llama."""
+    import safetensors.torch
+    import transformers
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    seq = 128
+    size = size or LM_SIZES["quick" if quick else "full"]
+    train, val = stdlib_text(size.train_bytes)
+    cfg = transformers.LlamaConfig(hidden_size=size.hidden, intermediate_size=size.inter,
+                                   num_hidden_layers=size.layers, num_attention_heads=4, num_key_value_heads=4,
+                                   vocab_size=256, max_position_embeddings=seq, tie_word_embeddings=False,
+                                   use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).to(device)
+    ckpt = None
+    if cache_dir:
+        ckpt = os.path.join(cache_dir, f"accuracy_lm_h{size.hidden}_i{size.inter}_l{size.layers}_s{size.steps}"
+                                       f"_b{size.batch}_seed{seed}_v2.safetensors")
+    t0 = time.perf_counter()
+    trained = False
+    if ckpt and os.path.exists(ckpt):
+        model.load_state_dict(safetensors.torch.load_file(ckpt, device=str(device)))
+        log(f"  lm: loaded the trained model from {ckpt} (delete it to retrain)")
+    else:
+        _train_lm(model, train, seq, size, gen, device, log, t0)
+        trained = True
     model.eval()
     train_s = time.perf_counter() - t0
-    if ckpt and steps:
+    if ckpt and trained:
         safetensors.torch.save_file(model.state_dict(), ckpt)
-    val_w = _windows(val, seq, 48 if quick else 128, torch.Generator().manual_seed(seed + 1)).to(device)
-    calib = [_windows(train, seq, 8, gen)[:, :-1].to(device) for _ in range(4 if quick else 8)]
+    val_w = _windows(val, seq, size.val_windows, torch.Generator().manual_seed(seed + 1)).to(device)
+    cgen = torch.Generator().manual_seed(seed + 2)  # own stream: the same bytes whether trained or loaded
+    calib = [_windows(train, seq, 8, cgen)[:, :-1].to(device) for _ in range(size.calib_batches)]
 
     @torch.no_grad()
     def evaluate(m) -> float:
@@ -176,7 +208,7 @@ def build_lm_task(quick: bool, device: torch.device, seed: int = 0, log=print, c
         return _capture_inputs(m, lambda mm: mm(input_ids=val_w[:1, :64]), ".layers.")
 
     return Task("lm", model, calib, evaluate, "ppl", False, "model.layers.*", timing_inputs,
-                notes={"params": sum(p.numel() for p in model.parameters()), "train_s": train_s,
+                notes={"params": sum(p.numel() for p in model.parameters()), "train_s": train_s, "trained": trained,
                        "calibration": f"{len(calib) * 8} x {seq} bytes"})
 
 
@@ -219,7 +251,7 @@ def build_digits_task(quick: bool, device: torch.device, seed: int = 0, log=prin
         return _capture_inputs(m, lambda mm: mm(xt[:1]), "")
 
     return Task("digits", model, calib, evaluate, "acc%", True, None, timing_inputs,
-                notes={"params": sum(p.numel() for p in model.parameters()), "train_s": train_s,
+                notes={"params": sum(p.numel() for p in model.parameters()), "train_s": train_s, "trained": trained,
                        "calibration": "512 training images"})
 
 
