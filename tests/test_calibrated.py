@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -361,3 +362,38 @@ def test_wanda_is_blind_to_outlier_reparametrization_magnitude_is_not():
     # and magnitude now drops the scaled (important) inputs: their columns keep far fewer weights
     q = "model.layers.0.self_attn.q_proj"
     assert masks["scaled", "magnitude"][q][:, channels].float().mean() < 0.1
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_generator_calibration_on_a_llama_equals_a_list(method):
+    """A one-shot generator works where pruning needs two passes (block 0's inputs, then lm_head)."""
+    model = _tiny_llama()
+    ids = [torch.randint(0, 256, (2, 12)) for _ in range(3)]
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    sparseprune.prune(a, "2:4", method=method, calibration=ids)  # lm_head too: outside the stack
+    sparseprune.prune(b, "2:4", method=method, calibration=(i for i in ids))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_generator_calibration_streams_when_one_pass_is_enough():
+    """Raw activations can be large (128 x 2048 tokens of a 4096-wide layer: 4 GB); a generator is
+    consumed item by item, never held in full, when one pass does."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    alive, peak = weakref.WeakSet(), [0]
+
+    def gen():
+        for _ in range(6):
+            x = _outlier_inputs(16, 32)
+            alive.add(x)
+            peak[0] = max(peak[0], len(alive))
+            yield x
+            del x
+
+    ref = copy.deepcopy(model)
+    sparseprune.prune(model, "2:4", method="sparsegpt", calibration=gen())
+    assert peak[0] <= 2  # the item being used and the next one
+    assert all(satisfies(m.weight, Pattern("nm", 2, 4), None) for m in model if isinstance(m, nn.Linear))
+    assert not torch.equal(model[0].weight, ref[0].weight)
+    with pytest.raises(ValueError, match="empty"):
+        sparseprune.prune(ref, "2:4", method="wanda", calibration=iter([]))

@@ -113,18 +113,30 @@ def _call(model: nn.Module, item, device):
 
 
 def _items(calibration):
-    """The calibration items as a list (so they can be replayed), or None for a forward_loop."""
+    """The calibration items (an iterable, consumed once per pass), or None for a forward_loop."""
     if calibration is None:
         raise ValueError("this pruning method needs calibration=...: an iterable of model inputs (tensor, tuple "
                          "or dict per item) or a callable forward_loop(model)")
     if callable(calibration) and not isinstance(calibration, (torch.Tensor, nn.Module)):
         return None
     if isinstance(calibration, (torch.Tensor, Mapping)):
-        calibration = [calibration]  # one batch
-    items = list(calibration)
-    if not items:
-        raise ValueError("calibration is empty")
-    return items
+        return [calibration]  # one batch
+    try:
+        iter(calibration)
+    except TypeError:
+        raise TypeError(f"calibration must be an iterable of model inputs or a callable forward_loop(model), "
+                        f"got {type(calibration).__name__}") from None
+    return calibration
+
+
+def _replayable(calibration, passes: int):
+    """``calibration`` made safe for ``passes`` passes: a one-shot iterator (a generator, say) is
+    streamed when one pass is enough, so its items are never all in memory at once; it is kept in
+    a list only when the pruning must replay it."""
+    items = _items(calibration)
+    if items is not None and passes > 1 and iter(items) is items:
+        return list(items)
+    return calibration
 
 
 def run_calibration(model: nn.Module, calibration, *, stop: type[BaseException] | None = None) -> None:
@@ -138,12 +150,16 @@ def run_calibration(model: nn.Module, calibration, *, stop: type[BaseException] 
         if items is None:
             calibration(model)
             return
+        n = 0
         for item in items:
+            n += 1
             try:
                 _call(model, item, device)
             except Exception as e:  # noqa: BLE001 - only the sentinel is swallowed
                 if stop is None or not isinstance(e, stop):
                     raise
+        if n == 0:
+            raise ValueError("calibration is empty (or a one-shot iterator that was already used up)")
 
 
 @contextlib.contextmanager
@@ -321,8 +337,8 @@ def _gather_and_prune(model, plans, hessian: bool, run, pruner, where: str) -> N
         del stats[p.name]  # frees the Hessian before the next layer's update
 
 
-def _block_by_block(model, plans, method, calibration, pruner, stack) -> list:
-    """Prune the layers inside ``stack`` block by block; returns the plans left outside it."""
+def _split_by_block(plans, stack) -> tuple[dict[int, list], list]:
+    """({block index: plans inside it}, plans outside the stack)."""
     sname, blocks = stack
     pre = f"{sname}." if sname else ""
     by_block: dict[int, list] = {}
@@ -334,6 +350,13 @@ def _block_by_block(model, plans, method, calibration, pruner, stack) -> list:
             by_block.setdefault(int(head), []).append(p)
         else:
             outside.append(p)
+    return by_block, outside
+
+
+def _block_by_block(model, by_block, method, calibration, pruner, stack) -> None:
+    """Prune the layers inside ``stack`` block by block (``by_block``: {block index: plans})."""
+    sname, blocks = stack
+    pre = f"{sname}." if sname else ""
     records = _capture_block_inputs(model, blocks[0], calibration)
     if not records:
         raise RuntimeError(f"calibration never reached {pre}0 (the first block of the stack)")
@@ -363,7 +386,6 @@ def _block_by_block(model, plans, method, calibration, pruner, stack) -> list:
                         raise RuntimeError(f"block {pre}{i} maps hidden states {tuple(h.shape)} to {tuple(out.shape)}; "
                                            f"block-by-block calibration needs blocks that keep the shape")
                     hidden[j] = out
-    return outside
 
 
 def _global_keep(model, plans, method, calibration):
@@ -407,12 +429,14 @@ def prune_layers(model: nn.Module, plans, method: PruningMethod, calibration, *,
         with _calibration_mode(model):
             block_keep = {}
             if global_budget and plans and plans[0].pattern.kind != "nm":
+                calibration = _replayable(calibration, 2)
                 block_keep = _global_keep(model, plans, method, calibration)
             pruner = _Pruner(method, permute, block_keep, bar)
             stack = find_block_stack(model, [p.name for p in plans])
-            rest = plans
-            if stack is not None:
-                rest = _block_by_block(model, plans, method, calibration, pruner, stack)
+            by_block, rest = _split_by_block(plans, stack) if stack is not None else ({}, plans)
+            calibration = _replayable(calibration, int(bool(by_block)) + int(bool(rest)))
+            if by_block:
+                _block_by_block(model, by_block, method, calibration, pruner, stack)
             _collect_and_prune(model, rest, method, calibration, pruner)
             return pruner.masks
     finally:
