@@ -3,8 +3,11 @@
 #   1. install the package (editable, against the torch already installed)
 #   2. GPU tests: `pytest -m gpu` plus the Triton tests on CUDA (no interpreter)
 #   3. benchmarks/bench_gpu.py -> bench_gpu.csv, benchmarks/bench_cuda.py -> bench_cuda.csv
-#   4. benchmarks/plot_gpu.py -> 2 PNGs
+#   4. benchmarks/plot_gpu.py -> 2 PNGs; SparseGPT memory on the GPU (4096x4096, 128 x 2048 tokens)
 # Everything lands in $OUT if set, else benchmarks/results/local/ (CSV, gpu_suite.log, PNGs).
+# The stage timeouts add up to more than one 10-minute device call: split it with
+#   STAGES=tests bash benchmarks/gpu_suite.sh    then    STAGES=bench bash benchmarks/gpu_suite.sh
+# (each call installs first; the log is appended to).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/local}"
@@ -23,10 +26,15 @@ echo "building for SPARSEPRUNE_CUDA_ARCHS=$SPARSEPRUNE_CUDA_ARCHS"
 pip install --no-build-isolation --no-deps -e . || { echo "install failed"; exit 1; }
 python -c "import sparseprune, torch, triton; print(sparseprune.build_info(), torch.__version__, triton.__version__)"
 
+STAGES="${STAGES:-tests bench}"
+if [[ " $STAGES " == *" tests "* ]]; then
 echo "== tests (gpu)"
 timeout 240 python -m pytest -q -m gpu tests -p no:cacheprovider || status=1
 echo "== tests (triton on cuda)"
 timeout 120 python -m pytest -q tests/test_triton.py -p no:cacheprovider || status=1
+fi
+
+if [[ " $STAGES " == *" bench "* ]]; then
 
 echo "== bench"
 timeout 330 python benchmarks/bench_gpu.py --out "$OUT" || status=1
@@ -36,5 +44,9 @@ timeout 60 python benchmarks/bench_cuda.py --csv "$OUT/bench_cuda.csv" || status
 
 echo "== plot"
 python benchmarks/plot_gpu.py --out "$OUT" || status=1
+
+echo "== sparsegpt memory (4096x4096, 128 x 2048 streamed tokens; must stay within 2 GiB beyond the model)"
+timeout 90 python benchmarks/bench_sparsegpt_memory.py --device cuda || status=1
+fi
 echo "== done (status $status); results in $OUT"
 exit $status
