@@ -88,3 +88,14 @@ def test_lm_task_trains_once_then_loads_from_cache(tmp_path):
     assert second.evaluate(second.model) == first.evaluate(first.model)
     # same calibration bytes whether the model was trained or loaded
     assert all(torch.equal(a, b) for a, b in zip(first.calibration, second.calibration))
+
+
+def test_digits_task_builds_and_scores():
+    """The study's second model, as the study builds it (quick mode trains in about two seconds)."""
+    pytest.importorskip("sklearn")
+    task = acc.build_digits_task(True, torch.device("cpu"), log=lambda *a: None)
+    assert task.name == "digits" and task.metric == "acc%" and task.higher_is_better
+    assert 90.0 < task.evaluate(task.model) <= 100.0
+    assert sum(x.shape[0] for x in task.calibration) == 512
+    inputs = task.timing_inputs(task.model)
+    assert set(inputs) == {"0", "2", "4"} and all(x.shape[0] == 1 for x in inputs.values())

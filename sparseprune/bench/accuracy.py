@@ -251,7 +251,7 @@ def build_digits_task(quick: bool, device: torch.device, seed: int = 0, log=prin
         return _capture_inputs(m, lambda mm: mm(xt[:1]), "")
 
     return Task("digits", model, calib, evaluate, "acc%", True, None, timing_inputs,
-                notes={"params": sum(p.numel() for p in model.parameters()), "train_s": train_s, "trained": trained,
+                notes={"params": sum(p.numel() for p in model.parameters()), "train_s": train_s,
                        "calibration": "512 training images"})
 
 
