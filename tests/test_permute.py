@@ -35,6 +35,40 @@ def test_search_keeps_at_least_as_much(shape):
     assert abs((sc[:, perm] * mask).sum().item() - got) <= 1e-4 * got
 
 
+def test_search_within_segments_stays_in_segments():
+    sc = _col_scaled(24, 96)
+    perm = search_permutation(sc, segment=32)
+    assert torch.equal(perm.sort().values, torch.arange(96))
+    assert torch.equal(perm // 32, torch.arange(96) // 32)  # every channel stays in its block column
+    assert kept_score(sc, perm=perm) > kept_score(sc) * 1.001
+    with pytest.raises(ValueError, match="segment"):
+        search_permutation(sc, segment=40)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_hybrid_permutation_keeps_the_block_choice(method):
+    """Permuting inputs across block columns would change which blocks exist; for hybrid the
+    search stays inside each block column, so the same blocks are kept, with or without it."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    xs = [torch.randn(48, 64) * (1 + 5 * torch.rand(64)) for _ in range(2)]
+    cal = xs if method != "magnitude" else None
+    a, b = copy.deepcopy(lin), copy.deepcopy(lin)
+    kw = dict(sparsity=0.5, block_size=(8, 16), method=method, calibration=cal)
+    sparseprune.prune(a, "hybrid", **kw)
+    sparseprune.prune(b, "hybrid", permute=True, **kw)
+    perm = getattr(b, PERM_ATTR)
+    assert not torch.equal(perm, torch.arange(64))
+    assert torch.equal(perm // 16, torch.arange(64) // 16)
+
+    def blocks(w):
+        return (w != 0).reshape(4, 8, 4, 16).any(-1).any(1)
+
+    assert torch.equal(blocks(a.weight), blocks(b.weight))
+    wp = b.weight.detach()[:, perm]
+    assert (wp.reshape(32, -1, 4).ne(0).sum(-1) <= 2).all()
+
+
 def test_search_on_already_optimal_scores_is_a_noop_in_score():
     sc = torch.zeros(4, 16)
     sc[:, ::2] = 1.0  # every group already keeps its two ones

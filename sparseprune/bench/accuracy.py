@@ -489,7 +489,8 @@ def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks
     plot(rows, os.path.join(out_dir, "accuracy.png"))
     print(format_table(rows))
     for name, n in notes.items():
-        print(f"{name}: {n['params']:,} parameters, trained in {n['train_s']:.0f} s, calibration {n['calibration']}")
+        how = "loaded from the cache" if n.get("trained") is False else f"trained in {n['train_s']:.0f} s"
+        print(f"{name}: {n['params']:,} parameters, {how}, calibration {n['calibration']}")
     for name in tasks:
         checks = check_targets(rows, name)
         if checks:

@@ -68,12 +68,14 @@ def kept_score(scores: torch.Tensor, n: int = 2, m: int = 4, perm: torch.Tensor 
 
 
 def search_permutation(scores: torch.Tensor, n: int = 2, *, rounds: int = 40, patience: int = 3,
-                       seed: int = 0) -> torch.Tensor:
+                       seed: int = 0, segment: int | None = None) -> torch.Tensor:
     """Input order ``perm`` (a permutation of range(in_features)) raising the N:4 kept score.
 
     ``scores`` [out, in] is what the mask should keep (|W| for magnitude, Wanda's |W|*||X||,
     OBS saliency for SparseGPT). Stops after ``rounds`` rounds, or after ``patience`` rounds in a
     row that gain less than 1e-6 of the total. Never returns an order worse than the identity.
+    ``segment``: channels only move within their segment of that many inputs (hybrid: the block
+    width, so every block keeps its set of columns and the block choice cannot change).
     Cost per round: about 35 x 2 x in x out elementwise operations (all vectorized).
     """
     s = scores.detach().float()
@@ -81,9 +83,12 @@ def search_permutation(scores: torch.Tensor, n: int = 2, *, rounds: int = 40, pa
     if cols % 4:
         raise ValueError(f"in_features={cols} is not a multiple of 4")
     groups = cols // 4
+    seg_groups = groups if segment is None else segment // 4
+    if segment is not None and (segment % 4 or cols % segment):
+        raise ValueError(f"segment={segment} must be a multiple of 4 dividing in_features={cols}")
     device = s.device
     identity = torch.arange(cols, device=device)
-    if groups < 2:
+    if seg_groups < 2:
         return identity
     # split_a[k] / split_b[k]: the 4 positions (of the pair's 8 channels) forming each group
     split_a = torch.tensor(_SPLITS_A, device=device).t().contiguous()  # [4, 35]
@@ -96,8 +101,13 @@ def search_permutation(scores: torch.Tensor, n: int = 2, *, rounds: int = 40, pa
     per_pair = rows * len(_SPLITS_A) * 4 * 10  # ~10 live [rows, P, 35] fp32 temporaries
     chunk = max(1, _STEP_BYTES // per_pair)
     for _ in range(rounds):
-        order = torch.randperm(groups, generator=gen).to(device)
-        pairs = order[: groups // 2 * 2].reshape(-1, 2)  # disjoint pairs of groups
+        if seg_groups == groups:
+            order = torch.randperm(groups, generator=gen)[None]
+        else:  # a random order inside each segment
+            nseg = groups // seg_groups
+            order = torch.rand(nseg, seg_groups, generator=gen).argsort(dim=1) + \
+                torch.arange(nseg)[:, None] * seg_groups
+        pairs = order[:, : seg_groups // 2 * 2].reshape(-1, 2).to(device)  # disjoint pairs of groups
         g = perm.reshape(groups, 4)
         for start in range(0, pairs.shape[0], chunk):
             pr = pairs[start:start + chunk]
@@ -146,7 +156,10 @@ def prune_layer_permuted(method, weight: torch.Tensor, pattern: Pattern, sparsit
                          "is made in the original input order)")
     n, _ = _nm_of(pattern)
     scores = method.scores(weight, stats)
-    perm = search_permutation(scores, n, rounds=rounds)
+    # hybrid: moving a channel to another block column would change which blocks exist (and
+    # the blocks matter far more than the 2:4 inside them), so channels stay in their block column
+    segment = pattern.block_size[1] if pattern.kind == "hybrid" else None
+    perm = search_permutation(scores, n, rounds=rounds, segment=segment)
     pstats = None if stats is None else stats.permuted(perm)
     mask_p, w_p = method.prune_layer(weight[:, perm], pattern, sparsity, stats=pstats)
     inv = inverse_permutation(perm)
