@@ -3,8 +3,9 @@
 Two measurements on the study's LM (trained, or loaded from ``--cache``):
 
 1. Per layer, the relative output error ||X W^T - X W'^T|| / ||X W^T|| on the calibration inputs
-   of the dense model, for 2:4 masks chosen by magnitude and by Wanda. Wanda's score is the
-   diagonal estimate of exactly this error, so it should be lower for every layer.
+   of the dense model, for 2:4 masks chosen by magnitude and by Wanda (Wanda's score is the
+   diagonal estimate of exactly this error, so it should be lower for every layer), and the
+   fraction of mask entries the two choose alike.
 2. Perplexity when only one kind of projection (q, k, v, o, gate, up, down; in every block) is
    pruned, by magnitude and by Wanda, at 2:4 and unstructured 50%: which layers turn a lower
    output error into a worse model.
@@ -56,19 +57,21 @@ def main(argv=None) -> int:
 
     nm = parse_pattern("2:4")
     print("\n1. relative output error of each layer at 2:4 (dense inputs)")
-    print(f"{'layer':36s} {'magnitude':>9s} {'wanda':>7s}  {'input norm max/median':>21s}")
+    print(f"{'layer':36s} {'magnitude':>9s} {'wanda':>7s}  {'input norm max/median':>21s} {'same mask':>9s}")
     wins = 0
     for name, xs in inputs.items():
         x = torch.cat(xs)
         w = model.get_submodule(name).weight.detach().float()
         norm = x.norm(dim=0)
         y = x @ w.t()
-        err = {}
+        err, masks = {}, {}
         for meth, score in (("magnitude", w.abs()), ("wanda", w.abs() * norm)):
-            err[meth] = ((x @ (w * make_mask(score, nm, None)).t() - y).norm() / y.norm()).item()
+            masks[meth] = make_mask(score, nm, None)
+            err[meth] = ((x @ (w * masks[meth]).t() - y).norm() / y.norm()).item()
+        same = (masks["magnitude"] == masks["wanda"]).float().mean().item()
         wins += err["wanda"] < err["magnitude"]
         q = norm.sort().values
-        print(f"{name:36s} {err['magnitude']:9.4f} {err['wanda']:7.4f}  {(q[-1] / q[len(q) // 2]).item():21.1f}")
+        print(f"{name:36s} {err['magnitude']:9.4f} {err['wanda']:7.4f}  {(q[-1] / q[len(q) // 2]).item():21.1f} {same:9.3f}")
     print(f"wanda has the lower output error in {wins} of {len(inputs)} layers")
 
     print(f"\n2. perplexity with one kind of layer pruned (dense {task.evaluate(model):.4f})")
