@@ -31,7 +31,7 @@ def pack(weight: torch.Tensor, pattern, mask: torch.Tensor | None = None):
 
 def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size=(32, 32), method="magnitude",
             include=None, exclude=None, backend: str = "auto", strict: bool = False, calibration=None,
-            global_budget: bool = False, progress: bool = False, permute=False) -> nn.Module:
+            global_budget: bool = False, progress: bool | None = None, permute=False) -> nn.Module:
     """Replace each eligible ``nn.Linear`` of ``model`` (in place) with a :class:`SparseLinear`.
 
     pattern: "2:4" (or sparser N:4), "block" or "hybrid". Weights that already have the pattern
@@ -43,7 +43,8 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
     ``permute``: True (2:4 and hybrid) to search an input-channel order per layer that keeps more
     score; it is folded into the producing layer where the graph is known (gated MLPs, BERT
     FFNs, Linear->activation->Linear in nn.Sequential) or given as {consumer: [producers]},
-    else applied as a gather of x inside the SparseLinear.
+    else applied as a gather of x inside the SparseLinear. ``progress``: a bar of the layers
+    pruned (default: when stderr is a terminal).
 
     Returns ``model``; the report is ``model.sparseprune_report`` (print it for a table).
     """

@@ -435,3 +435,15 @@ def test_llama_block_by_block_on_cuda(method):
     with torch.no_grad():
         out = gpu(input_ids=ids[0].cuda()).logits
     assert torch.isfinite(out).all()
+
+
+def test_progress_bar_counts_the_layers(capsys):
+    pytest.importorskip("tqdm")
+    model = _tiny_llama()
+    ids = [torch.randint(0, 256, (2, 12)) for _ in range(2)]
+    sparseprune.prune(copy.deepcopy(model), "2:4", method="wanda", calibration=ids, include="model.layers.*",
+                      progress=True)
+    err = capsys.readouterr().err
+    assert "pruning layers" in err and "14/14" in err  # 2 blocks x 7 projections
+    sparseprune.prune(copy.deepcopy(model), "2:4", method="wanda", calibration=ids, include="model.layers.*")
+    assert "pruning layers" not in capsys.readouterr().err  # default: only on a terminal

@@ -14,7 +14,7 @@ from .select import select_layers
 
 def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(32, 32), method="magnitude",
                 include=None, exclude=None, calibration=None, global_budget=False, strict=False,
-                extra_check=None, progress=False, permute=False):
+                extra_check=None, progress=None, permute=False):
     """Core of prune() and convert(). Returns (report, {name: (plan, mask)})."""
     pat = parse_pattern(pattern, sparsity=sparsity if not isinstance(sparsity, dict) else None, block_size=block_size)
     meth = get_method(method)
@@ -57,7 +57,7 @@ def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(3
 
 
 def prune(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(32, 32), method="magnitude", include=None,
-          exclude=None, calibration=None, global_budget=False, strict=False, progress=False,
+          exclude=None, calibration=None, global_budget=False, strict=False, progress=None,
           permute=False) -> Report:
     """Prune the model's nn.Linear weights in place (they stay dense) and return a report.
 
@@ -66,7 +66,8 @@ def prune(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(32, 32)
     ``global_budget=True`` ranks blocks (or weights) of all layers together under one sparsity.
     ``permute=True`` (N:4 and hybrid) searches an input-channel order per layer that keeps more
     score; the pruned weights stay in the model's order (same function as a masked model) and
-    ``convert()`` later packs them in the remembered order.
+    ``convert()`` later packs them in the remembered order. ``progress``: a bar of the layers
+    pruned (True / False; default: when stderr is a terminal).
     """
     report, _ = prune_model(model, pattern, sparsity=sparsity, block_size=block_size, method=method,
                             include=include, exclude=exclude, calibration=calibration,

@@ -23,6 +23,7 @@ block 0's inputs are captured (the sentinel would abort the caller's loop).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -295,7 +296,9 @@ class _Pruner:
         self.bar.update(1)
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool | None):
+    if enabled is None:  # default: a bar for people watching a terminal, not in logs and pipes
+        enabled = sys.stderr is not None and sys.stderr.isatty()
     if enabled:
         try:
             from tqdm.auto import tqdm
@@ -404,7 +407,7 @@ def _global_keep(model, plans, method, calibration):
 
 
 def prune_layers(model: nn.Module, plans, method: PruningMethod, calibration, *, global_budget=False,
-                 progress=False, permute=False) -> dict[str, torch.Tensor]:
+                 progress=None, permute=False) -> dict[str, torch.Tensor]:
     """Prune ``plans``' layers in place (``nn.Linear.weight.data``); returns {layer name: bool mask}.
 
     Methods without ``needs_calibration`` (magnitude) run layer by layer without data; calibrated
