@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import torch
 
@@ -38,7 +39,8 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    torch.manual_seed(SEED + hash(request.node.nodeid) % 100003)
+    # crc32, not hash(): str hashes change from process to process, which would defeat the replay
+    torch.manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()) % 100003)
     yield
 
 

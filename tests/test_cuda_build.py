@@ -77,7 +77,8 @@ def _functions(sass):
     for line in sass.splitlines():
         m = re.search(r"code for (sm_\w+)", line)
         if m:
-            arch, name = m.group(1), None
+            # older cuobjdumps (Triton 3.6 ships one) print "sm_90" for an sm_90a cubin
+            arch, name = {"sm_90": "sm_90a"}.get(m.group(1), m.group(1)), None
             continue
         m = re.search(r"Function : (\S+)", line)
         if m:

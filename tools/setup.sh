@@ -18,11 +18,20 @@ TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==${TORCH_VERSION}" >"$constraints"
+# Triton 3.6's interpreter (TRITON_INTERPRET=1, our CPU test path) passes scalar kernel arguments as
+# 1-element arrays and int()s them, which NumPy 2.4 refuses; Triton 3.7+ is fine with any NumPy.
+if "$PY" -c "import sys, triton; sys.exit(0 if tuple(map(int, triton.__version__.split('.')[:2])) < (3, 7) else 1)" \
+    >/dev/null 2>&1; then
+  echo "numpy<2.4" >>"$constraints"
+  NUMPY_CAP=1
+fi
 
 # Skip the resolver round-trip when everything is already there (fast repeated `make test`).
-if ! "$PY" - <<'PYEOF' >/dev/null 2>&1
-import importlib.metadata as md, re, sys
+if ! NUMPY_CAP="${NUMPY_CAP:-}" "$PY" - <<'PYEOF' >/dev/null 2>&1
+import importlib.metadata as md, os, re, sys
 from packaging.requirements import Requirement
+if os.environ.get("NUMPY_CAP") and md.version("numpy") not in Requirement("numpy<2.4").specifier:
+    sys.exit(1)
 for line in open("requirements-dev.txt"):
     line = line.split("#")[0].strip()
     if not line:
