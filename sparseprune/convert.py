@@ -55,7 +55,9 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
     kind = {"nm": "semi24", "block": "bsr", "hybrid": "hybrid"}[pat.kind]
 
     def backend_check(name, mod):
-        spec = SimpleNamespace(kind=kind, dtype=mod.weight.dtype, shape=tuple(mod.weight.shape))
+        # What the backends' unsupported_reason() reads of a packed weight, before one is packed.
+        spec = SimpleNamespace(kind=kind, dtype=mod.weight.dtype, shape=tuple(mod.weight.shape),
+                               block_size=None if kind == "semi24" else tuple(pat.block_size))
         chosen, why = _backends.choose_backend(spec, mod.weight.device, backend)
         return None if chosen else f"no backend can run it: {why}"
 
