@@ -8,7 +8,15 @@ and the dense tensors of everything else. Its metadata key ``"sparseprune"`` hol
      "layers": {"model.layers.0.mlp.up_proj": {"kind": "semi24", "shape": [128, 64],
                 "dtype": "float32", "block_size": null, "backend": "auto", "bias": false,
                 "in_perm": false}, ...},
-     "aliases": {"lm_head.weight": "model.embed_tokens.weight"}}
+     "aliases": {"lm_head.weight": "model.embed_tokens.weight"},
+     "channel": {"modules": {"model.layers.0.mlp.down_proj": {"params": {"weight": [64, 48]},
+                             "buffers": {}, "attrs": {"in_features": 48, "out_features": 64}}, ...},
+                 "config": {"intermediate_size": 48}}}
+
+``"channel"`` (present after structured pruning, see :mod:`sparseprune.prune.channel`) lists the
+modules whose shapes changed; ``load`` rebuilds those shapes on the freshly built model (and its
+transformers config) before loading the tensors, so per-layer widths that no config can express
+come back too.
 
 Loading never unpickles anything, and every packed tensor is validated (shapes, dtypes, index
 ranges, position codes) on CPU before it reaches a module or a kernel; a bad file raises
@@ -26,6 +34,7 @@ from torch import nn
 from . import autotune
 from .formats import FORMATS
 from .modules import SparseLinear, replace_module, tune_model
+from .prune.channel import RECORD_ATTR, apply_record
 from .report import LayerReport, Report
 
 FORMAT_NAME = "sparseprune"
@@ -54,9 +63,13 @@ def build_config(model: nn.Module) -> dict:
                 "bias": mod.bias is not None,
                 "in_perm": mod.in_perm is not None,
             }
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-            "pattern": getattr(report, "pattern", None), "method": getattr(report, "method", None),
-            "layers": layers}
+    config = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+              "pattern": getattr(report, "pattern", None), "method": getattr(report, "method", None),
+              "layers": layers}
+    channel = getattr(model, RECORD_ATTR, None)
+    if channel:
+        config["channel"] = channel
+    return config
 
 
 def save(model: nn.Module, path, *, metadata: dict[str, str] | None = None) -> dict:
@@ -168,6 +181,8 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
         return tensors[key]
 
     report = Report(pattern=str(config.get("pattern")), method=str(config.get("method")))
+    if config.get("channel") is not None:  # structured pruning: rebuild the smaller shapes first
+        apply_record(model, config["channel"], where=os.fspath(path))
     new_modules: dict[str, SparseLinear] = {}
     for name, cfg in config["layers"].items():
         kind, shape, dtype, bs = _layer_settings(name, cfg)

@@ -12,6 +12,7 @@ from . import backends as _backends
 from .formats import BlockSparseWeight, HybridWeight, Semi24Weight
 from .modules import SparseLinear, replace_module, tune_model
 from .prune.api import prune_model
+from .prune.channel import prune_channels
 from .prune.patterns import parse_pattern
 from .prune.permute import fold_permutations
 
@@ -34,7 +35,7 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
             global_budget: bool = False, progress: bool | None = None, permute=False) -> nn.Module:
     """Replace each eligible ``nn.Linear`` of ``model`` (in place) with a :class:`SparseLinear`.
 
-    pattern: "2:4" (or sparser N:4), "block" or "hybrid". Weights that already have the pattern
+    pattern: "2:4" (or sparser N:4), "block", "hybrid" or "channel". Weights that already have the pattern
     are packed as they are; dense ones are pruned first with ``method`` ("magnitude", or a
     calibrated method given ``calibration``). ``sparsity`` is the fraction of blocks pruned for
     block/hybrid (a float, or {module-name glob: float}). ``include``/``exclude``: module-name
@@ -46,9 +47,22 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
     else applied as a gather of x inside the SparseLinear. ``progress``: a bar of the layers
     pruned (default: when stderr is a terminal).
 
+    ``"channel"`` removes whole channels, neurons and heads (``sparsity`` = fraction of each group's
+    units; None removes those an earlier ``prune(model, "channel", ...)`` zeroed), leaving smaller
+    dense layers; ``method`` "magnitude", "wanda", "flap" or "sparsegpt"; ``backend`` does not apply
+    (see :mod:`sparseprune.prune.channel`).
+
     Returns ``model``; the report is ``model.sparseprune_report`` (print it for a table).
     """
     pat = parse_pattern(pattern, sparsity=sparsity if not isinstance(sparsity, dict) else None, block_size=block_size)
+    if pat.kind == "channel":
+        if permute:
+            raise ValueError("permute=True is for N:4 and hybrid patterns, not 'channel'")
+        model.sparseprune_report = prune_channels(model, sparsity=sparsity, method=method, include=include,
+                                                  exclude=exclude, calibration=calibration,
+                                                  global_budget=global_budget, strict=strict, progress=progress,
+                                                  shrink=True)
+        return model
     if not pat.packable:
         raise ValueError(f"pattern {pat.name!r} has no kernels: convert() serves '2:4' (or N:4 with N <= 2), 'block' "
                          f"and 'hybrid'; use sparseprune.prune() to study other patterns")

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..report import LayerReport, Report
 from .calibrate import prune_layers
+from .channel import prune_channels
 from .methods import get_method
 from .patterns import parse_pattern, satisfies
 from .permute import forget_permutation, weight_in_packing_order
@@ -17,6 +18,8 @@ def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(3
                 extra_check=None, progress=None, permute=False):
     """Core of prune() and convert(). Returns (report, {name: (plan, mask)})."""
     pat = parse_pattern(pattern, sparsity=sparsity if not isinstance(sparsity, dict) else None, block_size=block_size)
+    if pat.kind == "channel":
+        raise ValueError("pattern 'channel' is pruned by prune_channels(), not layer by layer")
     meth = get_method(method)
     plans, skipped = select_layers(model, pat, sparsity=sparsity, include=include, exclude=exclude,
                                    extra_check=extra_check)
@@ -61,14 +64,23 @@ def prune(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(32, 32)
           permute=False) -> Report:
     """Prune the model's nn.Linear weights in place (they stay dense) and return a report.
 
-    ``pattern``: "N:M" (e.g. "2:4", "4:8"), "block", "hybrid" or "unstructured". ``sparsity``: a
+    ``pattern``: "N:M" (e.g. "2:4", "4:8"), "block", "hybrid", "unstructured" or "channel". ``sparsity``: a
     float, or {module-name glob: float}; for block and hybrid it is the fraction of blocks pruned.
+    "channel" zeroes whole channels, neurons and heads (Linear and Conv layers, with everything
+    that reads them; ``sparsity`` = fraction of each group's units; methods "magnitude", "wanda",
+    "flap", "sparsegpt"); ``convert(model, "channel")`` then removes them (see
+    :mod:`sparseprune.prune.channel`).
     ``global_budget=True`` ranks blocks (or weights) of all layers together under one sparsity.
     ``permute=True`` (N:4 and hybrid) searches an input-channel order per layer that keeps more
     score; the pruned weights stay in the model's order (same function as a masked model) and
     ``convert()`` later packs them in the remembered order. ``progress``: a bar of the layers
     pruned (True / False; default: when stderr is a terminal).
     """
+    if parse_pattern(pattern).kind == "channel":
+        if permute:
+            raise ValueError("permute=True is for N:4 and hybrid patterns, not 'channel'")
+        return prune_channels(model, sparsity=sparsity, method=method, include=include, exclude=exclude,
+                              calibration=calibration, global_budget=global_budget, strict=strict, progress=progress)
     report, _ = prune_model(model, pattern, sparsity=sparsity, block_size=block_size, method=method,
                             include=include, exclude=exclude, calibration=calibration,
                             global_budget=global_budget, strict=strict, progress=progress, permute=permute)

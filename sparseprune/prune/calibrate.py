@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -39,14 +40,16 @@ from .wanda import Wanda
 class LayerStats:
     """Running statistics of one layer's inputs X [tokens, in], accumulated in fp32.
 
-    ``sq_mean``: mean over tokens of x_j^2 (so ||X_j||_2 = sqrt(n * sq_mean)). ``H``: SparseGPT's
-    2 X^T X / n (kept as a running mean so it never overflows), only when ``hessian=True``.
+    ``sq_mean``: mean over tokens of x_j^2 (so ||X_j||_2 = sqrt(n * sq_mean)); ``mean``: mean of x_j
+    (channel pruning's bias compensation). ``H``: SparseGPT's 2 X^T X / n (kept as a running mean
+    so it never overflows), only when ``hessian=True``.
     """
 
     def __init__(self, in_features: int, device, hessian: bool):
         self.in_features = in_features
         self.n = 0
         self.sq_mean = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.mean = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
 
     @torch.no_grad()
@@ -58,6 +61,7 @@ class LayerStats:
         x = x.to(device=self.sq_mean.device, dtype=torch.float32)
         total = self.n + t
         self.sq_mean.mul_(self.n / total).add_(x.pow(2).sum(0), alpha=1.0 / total)
+        self.mean.mul_(self.n / total).add_(x.sum(0), alpha=1.0 / total)
         if self.H is not None:
             xs = x * (2.0 / total) ** 0.5
             self.H.mul_(self.n / total).addmm_(xs.t(), xs)
@@ -73,6 +77,7 @@ class LayerStats:
         out.in_features, out.n = self.in_features, self.n
         perm = perm.to(self.sq_mean.device)
         out.sq_mean = self.sq_mean[perm]
+        out.mean = self.mean[perm]
         out.H = None if self.H is None else self.H[perm][:, perm]
         return out
 
@@ -183,10 +188,13 @@ def _calibration_mode(model: nn.Module):
 
 
 def _stat_hooks(model: nn.Module, plans, hessian: bool) -> tuple[dict, list]:
+    """Pre-hooks gathering each plan's input statistics; a plan with ``make_stats(hessian)`` (channel
+    pruning's conv layers) makes its own kind, else LayerStats of an nn.Linear's inputs."""
     stats, handles = {}, []
     for p in plans:
         mod = p.module
-        st = LayerStats(mod.in_features, mod.weight.device, hessian)
+        make = getattr(p, "make_stats", None)
+        st = make(hessian) if make is not None else LayerStats(mod.in_features, mod.weight.device, hessian)
         stats[p.name] = st
 
         def hook(m, args, kwargs, st=st):
@@ -391,19 +399,40 @@ def _block_by_block(model, by_block, method, calibration, pruner, stack) -> None
                     hidden[j] = out
 
 
+def collect_stats(model: nn.Module, plans, calibration, *, hessian: bool = False) -> dict:
+    """{plan name: statistics} of ``plans``' layers' inputs over one pass of the calibration data
+    through the (unchanged) model."""
+    stats, handles = _stat_hooks(model, plans, hessian)
+    try:
+        run_calibration(model, calibration)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
 def _global_keep(model, plans, method, calibration):
     """Global budget for a calibrated method: rank blocks (weights) of all layers together, by the
     method's score from input norms gathered on the dense model (one pre-pass)."""
     sparsity = plans[0].sparsity
     if sparsity is None or any(p.sparsity != sparsity for p in plans):
         raise ValueError("global_budget=True needs one float sparsity for the whole model")
-    stats, handles = _stat_hooks(model, plans, hessian=False)
-    try:
-        run_calibration(model, calibration)
-    finally:
-        for h in handles:
-            h.remove()
-    return global_keep(plans, method, stats)
+    return global_keep(plans, method, collect_stats(model, plans, calibration))
+
+
+def calibrate_layers(model: nn.Module, plans, calibration, apply, *, hessian: bool = False) -> None:
+    """Feeds the calibration data to ``plans``' layers and calls ``apply(plan, stats)`` for each
+    layer once its input statistics are complete: block by block where the layers sit in a
+    transformer stack (each block sees the outputs of the blocks already changed by ``apply``),
+    else in one pass. Runs under eval() and without a KV cache."""
+    method = SimpleNamespace(needs_hessian=hessian)
+    with _calibration_mode(model):
+        stack = find_block_stack(model, [p.name for p in plans])
+        by_block, rest = _split_by_block(plans, stack) if stack is not None else ({}, plans)
+        calibration = _replayable(calibration, int(bool(by_block)) + int(bool(rest)))
+        if by_block:
+            _block_by_block(model, by_block, method, calibration, apply, stack)
+        _collect_and_prune(model, rest, method, calibration, apply)
 
 
 def prune_layers(model: nn.Module, plans, method: PruningMethod, calibration, *, global_budget=False,
@@ -429,22 +458,18 @@ def prune_layers(model: nn.Module, plans, method: PruningMethod, calibration, *,
                 forget_permutation(p.module)
                 pruner(p, None)
             return pruner.masks
-        with _calibration_mode(model):
-            block_keep = {}
-            if global_budget and plans and plans[0].pattern.kind != "nm":
-                calibration = _replayable(calibration, 2)
+        block_keep = {}
+        if global_budget and plans and plans[0].pattern.kind != "nm":
+            calibration = _replayable(calibration, 2)
+            with _calibration_mode(model):
                 block_keep = _global_keep(model, plans, method, calibration)
-            pruner = _Pruner(method, permute, block_keep, bar)
-            stack = find_block_stack(model, [p.name for p in plans])
-            by_block, rest = _split_by_block(plans, stack) if stack is not None else ({}, plans)
-            calibration = _replayable(calibration, int(bool(by_block)) + int(bool(rest)))
-            if by_block:
-                _block_by_block(model, by_block, method, calibration, pruner, stack)
-            _collect_and_prune(model, rest, method, calibration, pruner)
-            return pruner.masks
+        pruner = _Pruner(method, permute, block_keep, bar)
+        calibrate_layers(model, plans, calibration, pruner, hessian=getattr(method, "needs_hessian", False))
+        return pruner.masks
     finally:
         bar.close()
 
 
 
-__all__ = ["LayerStats", "prune_layers", "run_calibration", "find_block_stack", "Wanda", "SparseGPT"]
+__all__ = ["LayerStats", "prune_layers", "calibrate_layers", "collect_stats", "run_calibration", "find_block_stack",
+           "Wanda", "SparseGPT"]

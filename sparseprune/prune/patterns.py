@@ -10,12 +10,14 @@ import torch
 
 @dataclass(frozen=True)
 class Pattern:
-    """``kind`` is "nm", "block", "hybrid" or "unstructured".
+    """``kind`` is "nm", "block", "hybrid", "unstructured" or "channel".
 
     nm: ``n`` kept of every ``m`` consecutive inputs in a row (2:4, 1:4, 4:8, ...).
     block: whole ``block_size`` blocks pruned; ``sparsity`` = fraction of blocks pruned.
     hybrid: blocks pruned to ``sparsity``, then 2:4 inside the kept blocks (overall (1 + s) / 2).
     unstructured: individual weights, ``sparsity`` = fraction pruned (benchmarks compare with it).
+    channel: whole channels / neurons / heads removed with everything that reads them, ``sparsity`` =
+    fraction of each group's units (see :mod:`sparseprune.prune.channel`).
     """
 
     kind: str
@@ -78,7 +80,10 @@ def parse_pattern(pattern: str | Pattern, *, sparsity=None, block_size=(32, 32))
         return Pattern("hybrid", block_size=bs, sparsity=sparsity)
     if p == "unstructured":
         return Pattern("unstructured", sparsity=sparsity)
-    raise ValueError(f"unknown pattern {pattern!r}: use 'N:M' (e.g. '2:4'), 'block', 'hybrid' or 'unstructured'")
+    if p == "channel":
+        return Pattern("channel", sparsity=sparsity)
+    raise ValueError(f"unknown pattern {pattern!r}: use 'N:M' (e.g. '2:4'), 'block', 'hybrid', 'unstructured' "
+                     f"or 'channel'")
 
 
 def satisfies(weight: torch.Tensor, pattern: Pattern, sparsity: float | None) -> bool:
@@ -90,6 +95,8 @@ def satisfies(weight: torch.Tensor, pattern: Pattern, sparsity: float | None) ->
         return bool((w.reshape(w.shape[0], -1, pattern.m).ne(0).sum(-1) <= pattern.n).all())
     if pattern.kind == "unstructured":
         return sparsity is not None and (w == 0).float().mean().item() >= sparsity
+    if pattern.kind == "channel":
+        return False  # a property of a group of layers, not of one weight
     bh, bw = pattern.block_size
     blocks = w.reshape(w.shape[0] // bh, bh, w.shape[1] // bw, bw).ne(0).any(dim=(1, 3))
     frac_empty = 1 - blocks.float().mean().item()
