@@ -3,7 +3,8 @@
 How it decides. For each :class:`~sparseprune.modules.SparseLinear` with ``backend="auto"``, every
 backend that can run its weight on its device ("cpu"; "cuda"/"triton" on GPUs; always "dense") is
 timed against dense at the edges of the batch buckets 1 | 2-8 | 9-64 | 65-512 | 513+ (rows =
-``x.numel() / in_features``), measured at 1, 8, 64, 512 and 1024 rows. Runs are interleaved and
+``x.numel() / in_features``; for a SparseConv2d the output pixels N*Ho*Wo, timed on a roughly
+square image whole conv against dense ``F.conv2d``), measured at 1, 8, 64, 512 and 1024 rows. Runs are interleaved and
 the ratio of each candidate's best time to dense's best time is kept (interference on a shared
 machine only adds time), a few ms per candidate and size (at least 5 runs each, 2 for calls over 20 ms). A sparse backend
 takes a bucket only if it is no slower than dense (within ``SLACK``) at both edges of that bucket;
@@ -86,7 +87,7 @@ def layer_signature(module, candidates) -> str:
     block = getattr(w, "block_size", None)
     density = round(w.nnzb / max(1, (w.shape[0] // block[0]) * (w.shape[1] // block[1])), 2) if block else 1.0
     return (f"{w.kind}|{str(w.dtype).replace('torch.', '')}|{w.shape[0]}x{w.shape[1]}|block={block}|"
-            f"density={density}|bias={module.bias is not None}|candidates={','.join(candidates)}")
+            f"density={density}|bias={module.bias is not None}{module.autotune_key()}|candidates={','.join(candidates)}")
 
 
 def _sync(device: torch.device) -> None:
@@ -123,8 +124,8 @@ def measure(module, candidates, rows_list=MEASURE_ROWS, budget_s=BUDGET_S) -> di
     try:
         with torch.no_grad():
             for rows in rows_list:
-                x = torch.randn(rows, module.in_features, device=device).to(module.dtype)
-                fns = {c: (lambda b=_backends.get_backend(c): b.forward(module, x)) for c in candidates}
+                x = module.autotune_input(rows)  # SparseConv2d: an image with ``rows`` output pixels
+                fns = {c: (lambda b=_backends.get_backend(c): module.autotune_call(b, x)) for c in candidates}
                 times = {c: [] for c in candidates}
                 _sync(device)
                 t_warm = time.perf_counter()

@@ -1,4 +1,5 @@
-"""``convert()``: prune (if needed), pack and swap each eligible nn.Linear for a SparseLinear."""
+"""``convert()``: prune (if needed), pack and swap each eligible nn.Linear for a SparseLinear (and
+each eligible nn.Conv2d for a SparseConv2d)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from torch import nn
 
 from . import autotune
 from . import backends as _backends
+from .conv import SparseConv2d
 from .formats import BlockSparseWeight, HybridWeight, Semi24Weight
+from .formats.conv import gemm_shape, gemm_weight
 from .modules import SparseLinear, replace_module, tune_model
 from .prune.api import prune_model
 from .prune.channel import prune_channels
@@ -33,7 +36,12 @@ def pack(weight: torch.Tensor, pattern, mask: torch.Tensor | None = None):
 def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size=(32, 32), method="magnitude",
             include=None, exclude=None, backend: str = "auto", strict: bool = False, calibration=None,
             global_budget: bool = False, progress: bool | None = None, permute=False) -> nn.Module:
-    """Replace each eligible ``nn.Linear`` of ``model`` (in place) with a :class:`SparseLinear`.
+    """Replace each eligible ``nn.Linear`` of ``model`` (in place) with a :class:`SparseLinear`, and
+    each eligible ``nn.Conv2d`` (groups=1) with a :class:`~sparseprune.conv.SparseConv2d`.
+
+    A conv is pruned and packed as its GEMM weight [O, kh*kw*C] in the channels-last reduction
+    order (2:4 groups: 4 input channels at one kernel position; needs in_channels % 4 == 0);
+    grouped and depthwise convs stay dense. Calibrated methods see its unfolded input patches.
 
     pattern: "2:4" (or sparser N:4), "block", "hybrid" or "channel". Weights that already have the pattern
     are packed as they are; dense ones are pruned first with ``method`` ("magnitude", or a
@@ -70,7 +78,7 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
 
     def backend_check(name, mod):
         # What the backends' unsupported_reason() reads of a packed weight, before one is packed.
-        spec = SimpleNamespace(kind=kind, dtype=mod.weight.dtype, shape=tuple(mod.weight.shape),
+        spec = SimpleNamespace(kind=kind, dtype=mod.weight.dtype, shape=gemm_shape(mod),
                                block_size=None if kind == "semi24" else tuple(pat.block_size))
         chosen, why = _backends.choose_backend(spec, mod.weight.device, backend)
         return None if chosen else f"no backend can run it: {why}"
@@ -83,9 +91,12 @@ def convert(model: nn.Module, pattern: str = "2:4", *, sparsity=None, block_size
     for name, (plan, mask) in results.items():
         lin = plan.module
         in_perm, note = perms.get(name, (None, ""))
-        w = lin.weight if in_perm is None else lin.weight[:, in_perm]
+        w = gemm_weight(lin) if in_perm is None else lin.weight[:, in_perm]
         packed = pack(w, pat, mask if in_perm is None else mask[:, in_perm])
-        sparse = SparseLinear(packed, lin.bias, backend=backend, in_perm=in_perm)
+        if isinstance(lin, nn.Conv2d):
+            sparse = SparseConv2d.from_conv(lin, packed, backend=backend)
+        else:
+            sparse = SparseLinear(packed, lin.bias, backend=backend, in_perm=in_perm)
         if note:
             report[name].reason = note
         replace_module(model, name, sparse)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..formats.conv import gemm_shape, gemm_weight
 from ..report import LayerReport, Report
 from .calibrate import prune_layers
 from .channel import prune_channels
@@ -47,13 +48,15 @@ def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(3
     results: dict[str, tuple] = {}
     for p in plans:
         if p.name in as_is:
-            mask = p.module.weight.detach() != 0
+            mask = gemm_weight(p.module) != 0
         else:
             mask = masks[p.name]
         results[p.name] = (p, mask)
         zero = 1.0 - mask.float().mean().item()
-        report.layers.append(LayerReport(p.name, tuple(p.module.weight.shape),
-                                         "packed-as-is" if p.name in as_is else "pruned", pat.name, sparsity=zero))
+        conv = isinstance(p.module, nn.Conv2d)
+        note = "inputs not permuted (permute=True is not implemented for Conv2d)" if conv and permute else ""
+        report.layers.append(LayerReport(p.name, gemm_shape(p.module), "packed-as-is" if p.name in as_is else "pruned",
+                                         pat.name, sparsity=zero, reason=note))
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda lr: order.get(lr.name, 0))
     return report, results
@@ -62,7 +65,10 @@ def prune_model(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(3
 def prune(model: nn.Module, pattern="2:4", *, sparsity=None, block_size=(32, 32), method="magnitude", include=None,
           exclude=None, calibration=None, global_budget=False, strict=False, progress=None,
           permute=False) -> Report:
-    """Prune the model's nn.Linear weights in place (they stay dense) and return a report.
+    """Prune the model's nn.Linear and nn.Conv2d weights in place (they stay dense) and return a report.
+
+    A Conv2d (groups=1) is pruned as its GEMM weight [O, kh*kw*C] in the channels-last reduction
+    order (2:4 groups are 4 input channels at one kernel position; see sparseprune.formats.conv).
 
     ``pattern``: "N:M" (e.g. "2:4", "4:8"), "block", "hybrid", "unstructured" or "channel". ``sparsity``: a
     float, or {module-name glob: float}; for block and hybrid it is the fraction of blocks pruned.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.conv import gemm_weight
 from .masks import block_scores, keep_top
 
 
@@ -15,7 +16,7 @@ def global_keep(plans, method, stats_by_name):
     """
     per_layer = []
     for p in plans:
-        sc = method.scores(p.module.weight, stats_by_name.get(p.name))
+        sc = method.scores(gemm_weight(p.module), stats_by_name.get(p.name))
         sc = sc / sc.mean().clamp_min(1e-30)
         per_layer.append(block_scores(sc, p.pattern.block_size) if p.pattern.kind != "unstructured" else sc)
     flat = torch.cat([s.reshape(-1) for s in per_layer])

@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ..formats.conv import gemm_weight, set_gemm_weight
 from .budget import global_keep
 from .methods import PruningMethod
 from .permute import check_permutable, forget_permutation, prune_layer_permuted, remember_permutation
@@ -289,16 +290,16 @@ class _Pruner:
 
     @torch.no_grad()
     def __call__(self, plan, stats) -> None:
-        w = plan.module.weight
+        w = gemm_weight(plan.module)  # a Conv2d's weight as [O, kh*kw*C] (sparseprune.formats.conv)
         bk = self.block_keep.get(plan.name)
-        if self.permute:
-            mask, new_w, perm = prune_layer_permuted(self.method, w.data, plan.pattern, plan.sparsity,
+        if self.permute and not isinstance(plan.module, nn.Conv2d):  # convs: not implemented (see api.py)
+            mask, new_w, perm = prune_layer_permuted(self.method, w, plan.pattern, plan.sparsity,
                                                      stats=stats, block_keep=bk)
         else:
-            mask, new_w = self.method.prune_layer(w.data, plan.pattern, plan.sparsity, stats=stats, block_keep=bk)
+            mask, new_w = self.method.prune_layer(w, plan.pattern, plan.sparsity, stats=stats, block_keep=bk)
             perm = None
         new_w = new_w.to(w.dtype) * mask.to(w.device)  # the mask holds exactly, also after rounding
-        w.data.copy_(new_w)
+        set_gemm_weight(plan.module, new_w)
         remember_permutation(plan.module, perm)
         self.masks[plan.name] = mask
         self.bar.update(1)

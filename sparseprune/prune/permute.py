@@ -20,6 +20,7 @@ import itertools
 import torch
 from torch import nn
 
+from ..formats.conv import gemm_weight
 from .patterns import Pattern
 from .select import tied_parameter_names
 
@@ -190,7 +191,7 @@ def stored_permutation(module: nn.Module) -> torch.Tensor | None:
 def weight_in_packing_order(module: nn.Module) -> torch.Tensor:
     """The weight with its inputs in the order it is packed in (W[:, perm] after permute=True)."""
     perm = stored_permutation(module)
-    w = module.weight.detach()
+    w = gemm_weight(module)  # a Conv2d's in the channels-last GEMM order
     return w if perm is None else w[:, perm.to(w.device)]
 
 

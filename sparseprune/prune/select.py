@@ -1,4 +1,10 @@
-"""Which nn.Linear layers a pattern applies to, and why the others are left dense."""
+"""Which nn.Linear and nn.Conv2d layers a pattern applies to, and why the others are left dense.
+
+A Conv2d is pruned as its GEMM weight [O, kh*kw*C] in the channels-last reduction order
+(:mod:`sparseprune.formats.conv`): N:M groups are N:M consecutive input channels at one kernel
+position, so 2:4 needs in_channels % 4 == 0. Grouped and depthwise convs (groups > 1) are left
+dense: their weight is many small GEMMs, none worth a sparse kernel.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..formats.conv import gemm_shape
 from .patterns import Pattern
 
 
 @dataclass
 class LayerPlan:
     name: str
-    module: nn.Linear
+    module: nn.Module  # nn.Linear or nn.Conv2d (groups=1)
     pattern: Pattern
     sparsity: float | None
+
+    def make_stats(self, hessian: bool):
+        """Statistics of this layer's GEMM inputs (a Conv2d's unfolded patches, in the weight's K order)."""
+        from .calibrate import LayerStats  # calibrate imports this module (via permute)
+        from .conv_stats import ConvInputStats
+
+        w = self.module.weight
+        if isinstance(self.module, nn.Conv2d):
+            return ConvInputStats(self.module, w.device, hessian)
+        return LayerStats(self.module.in_features, w.device, hessian)
 
 
 def _matches(name: str, globs) -> bool:
@@ -45,9 +62,23 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
     return {n for names in owners.values() if len(names) > 1 for n in names}
 
 
+def conv_problem(conv: nn.Conv2d, pattern: Pattern) -> str | None:
+    """None if ``conv`` can take ``pattern`` as a GEMM weight, else why not."""
+    if conv.groups != 1:
+        kind = "depthwise" if conv.groups == conv.in_channels else "grouped"
+        return f"{kind} conv (groups={conv.groups}) is left dense: only groups=1 convs are one GEMM"
+    if type(conv).forward is not nn.Conv2d.forward:
+        return f"{type(conv).__name__} overrides Conv2d.forward (its computation is not known)"
+    if pattern.kind in ("nm", "hybrid") and conv.in_channels % pattern.m:
+        return (f"in_channels={conv.in_channels} is not a multiple of {pattern.m} (an N:M group is {pattern.m} "
+                f"input channels at one kernel position)")
+    return pattern.shape_problem(gemm_shape(conv))
+
+
 def select_layers(model: nn.Module, pattern: Pattern, *, sparsity=None, include=None, exclude=None,
                   dtypes=(torch.float32, torch.bfloat16, torch.float16), extra_check=None):
-    """(plans, skipped) where skipped is [(name, shape, reason)] for Linear layers left dense.
+    """(plans, skipped) where skipped is [(name, shape, reason)] for layers left dense (shapes are
+    GEMM shapes: [out, kh*kw*in] for a conv).
 
     ``include``/``exclude`` are fnmatch globs over module names (``"model.layers.*.mlp.*"``,
     ``"lm_head"``). ``extra_check(name, module) -> reason | None`` adds a caller's own rules.
@@ -55,14 +86,18 @@ def select_layers(model: nn.Module, pattern: Pattern, *, sparsity=None, include=
     tied = tied_parameter_names(model)
     plans, skipped = [], []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
         if include is not None and not _matches(name, include):
             continue
         if _matches(name, exclude):
             continue
-        shape = tuple(mod.weight.shape)
-        reason = pattern.shape_problem(shape)
+        if isinstance(mod, nn.Conv2d):
+            shape = gemm_shape(mod)
+            reason = conv_problem(mod, pattern)
+        else:
+            shape = tuple(mod.weight.shape)
+            reason = pattern.shape_problem(shape)
         if reason is None and mod.weight.dtype not in dtypes:
             reason = f"dtype {mod.weight.dtype} is not supported (use one of {[str(d) for d in dtypes]})"
         if reason is None and f"{name}.weight" in tied:
