@@ -1,13 +1,16 @@
 """Checkpoints of converted models: ``save(model, path)`` and ``load(path, model)``.
 
 One safetensors file holds the model's ``state_dict`` as it is after convert(): the packed tensors
-of each SparseLinear (``<layer>.values``, ``.meta``, ``.crow``, ``.col``, ``.bias``, ``.in_perm``)
-and the dense tensors of everything else. Its metadata key ``"sparseprune"`` holds a JSON config:
+of each SparseLinear and SparseConv2d (``<layer>.values``, ``.meta``, ``.crow``, ``.col``, ``.bias``,
+``.in_perm``) and the dense tensors of everything else. Its metadata key ``"sparseprune"`` holds a JSON config:
 
     {"format": "sparseprune", "version": 1, "pattern": "2:4", "method": "magnitude",
      "layers": {"model.layers.0.mlp.up_proj": {"kind": "semi24", "shape": [128, 64],
                 "dtype": "float32", "block_size": null, "backend": "auto", "bias": false,
-                "in_perm": false}, ...},
+                "in_perm": false}, ...,
+                "conv1": {"kind": "semi24", "shape": [64, 576], ..., "conv": {"in_channels": 64,
+                          "kernel_size": [3, 3], "stride": [1, 1], "dilation": [1, 1], "padding": [1, 1],
+                          "padding_mode": "zeros"}}},
      "aliases": {"lm_head.weight": "model.embed_tokens.weight"},
      "channel": {"modules": {"model.layers.0.mlp.down_proj": {"params": {"weight": [64, 48]},
                              "buffers": {}, "attrs": {"in_features": 48, "out_features": 64}}, ...},
@@ -32,8 +35,10 @@ import torch
 from torch import nn
 
 from . import autotune
+from .conv import SparseConv2d
 from .formats import FORMATS
-from .modules import SparseLinear, replace_module, tune_model
+from .formats.conv import ConvGeometry, gemm_shape
+from .modules import PackedModule, SparseLinear, replace_module, tune_model
 from .prune.channel import RECORD_ATTR, apply_record
 from .report import LayerReport, Report
 
@@ -52,7 +57,7 @@ def build_config(model: nn.Module) -> dict:
     report = getattr(model, "sparseprune_report", None)
     layers = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, SparseLinear):
+        if isinstance(mod, PackedModule):
             w = mod.packed_weight()
             layers[name] = {
                 "kind": mod.kind,
@@ -63,6 +68,8 @@ def build_config(model: nn.Module) -> dict:
                 "bias": mod.bias is not None,
                 "in_perm": mod.in_perm is not None,
             }
+            if isinstance(mod, SparseConv2d):  # the GEMM weight's conv (shape is [O, kh*kw*C])
+                layers[name]["conv"] = mod.geometry.to_dict()
     config = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
               "pattern": getattr(report, "pattern", None), "method": getattr(report, "method", None),
               "layers": layers}
@@ -161,12 +168,33 @@ def _layer_settings(name: str, cfg) -> tuple[str, tuple[int, int], torch.dtype, 
     return kind, (shape[0], shape[1]), dtype, bs
 
 
+def _conv_geometry(name: str, cfg: dict, old: nn.Module) -> ConvGeometry | None:
+    """The recorded conv geometry of a layer (None for a linear one), checked against the model's module."""
+    if cfg.get("conv") is None:
+        return None
+    try:
+        geom = ConvGeometry.from_dict(cfg["conv"])
+    except ValueError as e:
+        raise ValueError(f"{name}: conv config is malformed: {e}") from e
+    if isinstance(old, SparseConv2d):
+        have = old.geometry
+    elif isinstance(old, nn.Conv2d) and old.groups == 1:
+        have = ConvGeometry.of(old)
+    else:
+        raise ValueError(f"{name}: expected an nn.Conv2d (groups=1) in the model, found {type(old).__name__}"
+                         + (f" with groups={old.groups}" if isinstance(old, nn.Conv2d) else ""))
+    if have != geom:
+        raise ValueError(f"{name}: the checkpoint's conv is {geom}, the model's is {have}")
+    return geom
+
+
 def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = True) -> nn.Module:
     """Loads a checkpoint written by :func:`save` into a freshly built dense ``model`` (in place).
 
     Each layer listed in the checkpoint's config must be an ``nn.Linear`` (or SparseLinear) of the
-    recorded shape; it is replaced by a SparseLinear built from the validated packed tensors, on
-    the device that layer was on. The remaining tensors are loaded with ``load_state_dict``.
+    recorded shape, or for a conv entry an ``nn.Conv2d`` (or SparseConv2d) of the recorded
+    geometry; it is replaced by a SparseLinear (SparseConv2d) built from the validated packed
+    tensors, on the device that layer was on. The remaining tensors are loaded with ``load_state_dict``.
     ``backend`` overrides the recorded backend request. ``strict``: every model tensor must be in
     the file and every file tensor must be used. Returns ``model``.
     """
@@ -183,16 +211,17 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
     report = Report(pattern=str(config.get("pattern")), method=str(config.get("method")))
     if config.get("channel") is not None:  # structured pruning: rebuild the smaller shapes first
         apply_record(model, config["channel"], where=os.fspath(path))
-    new_modules: dict[str, SparseLinear] = {}
+    new_modules: dict[str, PackedModule] = {}
     for name, cfg in config["layers"].items():
         kind, shape, dtype, bs = _layer_settings(name, cfg)
         try:
             old = model.get_submodule(name)
         except AttributeError as e:
             raise ValueError(f"{name}: the checkpoint has a sparse layer the model lacks") from e
-        if not isinstance(old, (nn.Linear, SparseLinear)):
+        geom = _conv_geometry(name, cfg, old)
+        if geom is None and not isinstance(old, (nn.Linear, SparseLinear)):
             raise ValueError(f"{name}: expected an nn.Linear in the model, found {type(old).__name__}")
-        old_shape = (old.out_features, old.in_features)
+        old_shape = gemm_shape(old) if isinstance(old, nn.Conv2d) else (old.out_features, old.in_features)
         if old_shape != shape:
             raise ValueError(f"{name}: checkpoint layer is {shape[0]}x{shape[1]} but the model's is "
                              f"{old_shape[0]}x{old_shape[1]}")
@@ -215,13 +244,18 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
                 raise ValueError(f"{key} must be int64 of shape ({shape[1]},), got {in_perm.dtype} {tuple(in_perm.shape)}")
             if not torch.equal(in_perm.to(torch.int64).sort().values, torch.arange(shape[1])):
                 raise ValueError(f"{key} is not a permutation of range({shape[1]})")
-        device = (old.weight if isinstance(old, nn.Linear) else old.values).device
+        device = (old.weight if isinstance(old, (nn.Linear, nn.Conv2d)) else old.values).device
         request = backend or cfg.get("backend") or "auto"
         if not isinstance(request, str):
             raise ValueError(f"{name}: backend must be a string, got {request!r}")
         packed = packed.to(device=device)
-        sparse = SparseLinear(packed, None if bias is None else bias.to(device), backend=request,
-                              in_perm=None if in_perm is None else in_perm.to(device))
+        if geom is not None:
+            if in_perm is not None:
+                raise ValueError(f"{name}: a conv layer has no in_perm")
+            sparse = SparseConv2d(packed, geom, None if bias is None else bias.to(device), backend=request)
+        else:
+            sparse = SparseLinear(packed, None if bias is None else bias.to(device), backend=request,
+                                  in_perm=None if in_perm is None else in_perm.to(device))
         new_modules[name] = sparse
         report.layers.append(LayerReport(name, shape, "loaded", report.pattern, backend=sparse.backend,
                                          bytes_ratio=packed.nbytes / packed.dense_nbytes))

@@ -96,14 +96,21 @@ def pattern_of(pat, sparsity=None) -> dict:
 
 def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, w_dense: torch.Tensor, bias=None):
     """Kernel error vs fp64 must be within 2x torch's own error in the same dtype plus a small floor."""
-    dtype = x.dtype
+    assert_within_torch_error(y, x.dtype, lambda xx, ww, bb: F.linear(xx, ww, bb), x, w_dense, bias)
+
+
+def assert_within_torch_error(y: torch.Tensor, dtype, fn, x, w_dense, bias=None):
+    """``y`` vs ``fn(x, w, bias)`` computed in fp64: error within 2x that of ``fn`` in ``dtype`` plus a floor.
+
+    ``fn`` is torch's own op (F.linear, F.conv2d with the layer's geometry), the reference and the
+    yardstick at once."""
     assert y.dtype == dtype, f"output dtype {y.dtype} != input dtype {dtype}"
-    ref64 = F.linear(x.double(), w_dense.double(), None if bias is None else bias.double())
+    ref64 = fn(x.double(), w_dense.double(), None if bias is None else bias.double())
     assert y.shape == ref64.shape, f"shape {tuple(y.shape)} != {tuple(ref64.shape)}"
     assert not torch.isnan(y).any(), "NaN in output: an element was not written (poisoned buffer) or computed wrongly"
     if ref64.numel() == 0:
         return
-    torch_out = F.linear(x, w_dense.to(dtype), None if bias is None else bias.to(dtype))
+    torch_out = fn(x.to(dtype), w_dense.to(dtype), None if bias is None else bias.to(dtype))
     torch_err = (torch_out.double() - ref64).abs().max().item()
     err = (y.double() - ref64).abs().max().item()
     scale = ref64.abs().max().item()

@@ -106,6 +106,29 @@ class ConvGeometry:
         w = (wo - 1) * sw + dw * (kw - 1) + 1 - left - right
         return max(h, 1), max(w, 1)
 
+    def to_dict(self) -> dict:
+        """JSON-able form (checkpoint configs)."""
+        return {"in_channels": self.in_channels, "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "dilation": list(self.dilation),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "padding_mode": self.padding_mode}
+
+    @classmethod
+    def from_dict(cls, d) -> "ConvGeometry":
+        """Inverse of :meth:`to_dict`; ValueError naming what is malformed."""
+        if not isinstance(d, dict) or set(d) != {"in_channels", "kernel_size", "stride", "dilation", "padding",
+                                                  "padding_mode"}:
+            raise ValueError(f"conv geometry must be a map of in_channels, kernel_size, stride, dilation, padding, "
+                             f"padding_mode; got {d!r}")
+        c = d["in_channels"]
+        if not isinstance(c, int) or isinstance(c, bool):
+            raise ValueError(f"in_channels must be an int, got {c!r}")
+        pad = d["padding"] if isinstance(d["padding"], str) else _pair(d["padding"], "padding")
+        if not isinstance(d["padding_mode"], str):
+            raise ValueError(f"padding_mode must be a string, got {d['padding_mode']!r}")
+        return cls(c, _pair(d["kernel_size"], "kernel_size"), _pair(d["stride"], "stride"),
+                   _pair(d["dilation"], "dilation"), pad, d["padding_mode"])
+
     def describe(self) -> str:
         """A short signature (autotune cache key, reprs)."""
         return (f"k={self.kernel_size[0]}x{self.kernel_size[1]},s={self.stride[0]}x{self.stride[1]},"
