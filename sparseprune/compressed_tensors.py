@@ -29,6 +29,7 @@ from torch import nn
 
 from . import autotune
 from .checkpoint import _read
+from .conv import SparseConv2d
 from .formats import FormatError, Semi24Weight
 from .modules import SparseLinear, replace_module, tune_model
 from .prune.patterns import Pattern, satisfies
@@ -153,6 +154,14 @@ def save_compressed_tensors(model: nn.Module, save_dir, *, config: dict | None =
                 for key, t in semi24_to_bitmask(packed).items():
                     out[f"{name}.{key}"] = t
             w = mod.to_dense()
+        elif isinstance(mod, SparseConv2d):
+            # compressed-tensors targets Linear layers only: a sparse conv is written as its dense
+            # (masked) weight, as the dense model's nn.Conv2d holds it
+            handled.update(f"{name}.{k}" for k in mod.state_dict())
+            out[f"{name}.weight"] = mod.to_dense().cpu().contiguous()
+            if mod.bias is not None:
+                out[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
+            continue
         elif isinstance(mod, nn.Linear):
             ignore.append(name)
             w = mod.weight.detach()

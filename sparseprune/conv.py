@@ -6,7 +6,8 @@ same linear kernels (and backends: cpu, triton, cuda) as :class:`~sparseprune.mo
 
 * a 1x1 stride-1 unpadded conv on a channels-last input is that GEMM with no copy at all;
 * any other conv unfolds the input into patches first (one copy, kh*kw times the input; see
-  :func:`~sparseprune.formats.conv.im2col`), then runs the GEMM.
+  :func:`~sparseprune.formats.conv.im2col`), then runs the GEMM; on CPU a few images at a time
+  (``CPU_CHUNK_BYTES`` of patches), so they stay in cache and no buffer is faulted in per call.
 
 The output is [N, O, Ho, Wo] in channels-last memory format (the GEMM's [N*Ho*Wo, O] viewed, no
 copy); feed the model channels-last inputs (``x.to(memory_format=torch.channels_last)``) so no
@@ -26,6 +27,10 @@ from . import backends as _backends
 from .formats import PackedWeight
 from .formats.conv import ConvGeometry, gemm_to_conv_weight, im2col
 from .modules import PackedModule
+
+# Patches unfolded at once on CPU at most (fp32: one 56x56x576 ResNet-50 layer1 image is 7.2 MB).
+# Below glibc's largest mmap threshold (32 MB), freed buffers are reused without page faults.
+CPU_CHUNK_BYTES = 8 << 20
 
 
 class SparseConv2d(PackedModule):
@@ -85,8 +90,16 @@ class SparseConv2d(PackedModule):
                 padding = 0
             y = F.conv2d(x, w, self.bias, g.stride, padding, g.dilation)
             return y.contiguous(memory_format=torch.channels_last)
-        cols, (n, ho, wo) = im2col(x, g)
-        y = backend.forward(self, cols)
+        n, ho, wo = x.shape[0], *g.output_size(x.shape[2], x.shape[3])
+        per_image = ho * wo * g.k * x.element_size()
+        if x.device.type == "cpu" and g.unfolds and n > 1 and n * per_image > CPU_CHUNK_BYTES:
+            # A few images at a time: the patches stay in cache for the GEMM and their buffer is
+            # reused by malloc instead of fresh pages faulted in on every call (ResNet-50 layer1
+            # 3x3 at batch 16, one thread: 104 ms in chunks vs 226 ms at once; dense conv 42 ms).
+            step = max(1, CPU_CHUNK_BYTES // per_image)
+            y = torch.cat([backend.forward(self, im2col(x[i:i + step], g)[0]) for i in range(0, n, step)])
+        else:
+            y = backend.forward(self, im2col(x, g)[0])
         return y.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
     # --- autotune hooks -----------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_sparse_conv_matches_conv2d(c, kernel, stride, padding, dilation, mode, 
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_batch_0_1_unbatched_and_input_layouts(backend, device):
+def test_batch_0_1_unbatched_input_layouts_and_chunks(backend, device, monkeypatch):
     if backend == "triton":
         pytest.importorskip("triton")
     dtype = DTYPES[backend][0]
@@ -110,6 +110,15 @@ def test_batch_0_1_unbatched_and_input_layouts(backend, device):
         y = mod(x)
         assert y.is_contiguous(memory_format=torch.channels_last), name
         assert_within_torch_error(y, dtype, fn, x, w4, mod.bias)
+    # On CPU big batches are unfolded a few images at a time: 5 images in chunks of 2, 2, 1
+    x = torch.randn(5, 8, 7, 5, device=device).to(dtype)
+    per_image = 4 * 3 * 72 * x.element_size()
+    monkeypatch.setattr(sparseprune.conv, "CPU_CHUNK_BYTES", int(2.5 * per_image))
+    calls = []
+    real = type(mod._bound[1]).forward
+    monkeypatch.setattr(type(mod._bound[1]), "forward", lambda self, m, cols: calls.append(cols.shape[0]) or real(self, m, cols))
+    assert_within_torch_error(mod(x), dtype, fn, x, w4, mod.bias)
+    assert calls == ([24, 24, 12] if device == "cpu" else [60])
 
 
 def test_1x1_on_channels_last_is_one_gemm_without_copy():
@@ -220,6 +229,18 @@ def test_convert_cnn_equals_masked_model(pattern, kw):
         x = torch.randn(b, 3, 9, 11).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             torch.testing.assert_close(conv(x), masked(x), atol=1e-5, rtol=1e-4)
+
+
+def test_permute_leaves_convs_unpermuted_and_says_so():
+    model = _cnn()
+    masked = copy.deepcopy(model)
+    sparseprune.prune(masked, "2:4", permute=True)
+    conv = sparseprune.convert(copy.deepcopy(model), "2:4", permute=True, backend="cpu")
+    assert "not implemented for Conv2d" in conv.sparseprune_report["a"].reason
+    assert "not implemented" not in conv.sparseprune_report["fc"].reason
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), masked(x), atol=1e-5, rtol=1e-4)
 
 
 def test_conv_with_the_pattern_is_packed_as_is():
@@ -352,6 +373,20 @@ def test_save_load_round_trip(tmp_path):
     wrong.down = nn.Linear(16, 32)
     with pytest.raises(ValueError, match="expected an nn.Conv2d"):
         sparseprune.load(path, wrong)
+
+
+def test_compressed_tensors_export_writes_convs_dense(tmp_path):
+    from sparseprune.compressed_tensors import load_compressed_tensors, save_compressed_tensors
+
+    model = sparseprune.convert(_cnn(), "2:4", backend="cpu")
+    sc = save_compressed_tensors(model, tmp_path)
+    assert sc["ignore"] == []  # the targets are Linear layers, and fc is 2:4
+    fresh = load_compressed_tensors(tmp_path, _cnn(), backend="cpu")
+    assert type(fresh.a) is nn.Conv2d and isinstance(fresh.fc, SparseLinear)
+    assert torch.equal(fresh.a.weight, model.a.to_dense())
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_resnet50_layout_converts_and_runs():

@@ -88,6 +88,11 @@ class ConvGeometry:
         ph, pw = self.padding
         return (ph, ph, pw, pw)
 
+    @property
+    def unfolds(self) -> bool:
+        """Whether :func:`im2col` copies: False for a 1x1 stride-1 unpadded conv (the input is the GEMM's)."""
+        return (self.kernel_size, self.stride) != ((1, 1), (1, 1)) or any(self.pad)
+
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """(Ho, Wo) for an input of h x w; RuntimeError when the kernel does not fit."""
         top, bottom, left, right = self.pad
@@ -189,7 +194,7 @@ def im2col(x: torch.Tensor, geom: ConvGeometry) -> tuple[torch.Tensor, tuple[int
     if padded and geom.padding_mode == "zeros":
         xn = F.pad(xn, (0, 0, left, right, top, bottom))
     (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
-    if (kh, kw, sh, sw) == (1, 1, 1, 1):
+    if not geom.unfolds:
         return xn.reshape(n * ho * wo, c), (n, ho, wo)
     eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     u = xn.unfold(1, eh, sh).unfold(2, ew, sw)  # [N, Ho', Wo', C, eh, ew]
