@@ -94,8 +94,9 @@ class SparseConv2d(PackedModule):
         per_image = ho * wo * g.k * x.element_size()
         if x.device.type == "cpu" and g.unfolds and n > 1 and n * per_image > CPU_CHUNK_BYTES:
             # A few images at a time: the patches stay in cache for the GEMM and their buffer is
-            # reused by malloc instead of fresh pages faulted in on every call (ResNet-50 layer1
-            # 3x3 at batch 16, one thread: 104 ms in chunks vs 226 ms at once; dense conv 42 ms).
+            # reused by malloc instead of fresh pages faulted in on every call (at batch 16 the
+            # ResNet-50 layer1 3x3 took about half the CPU time this way; see
+            # benchmarks/bench_conv_im2col.py to measure im2col against the GEMM and dense conv).
             step = max(1, CPU_CHUNK_BYTES // per_image)
             y = torch.cat([backend.forward(self, im2col(x[i:i + step], g)[0]) for i in range(0, n, step)])
         else:
