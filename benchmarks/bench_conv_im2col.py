@@ -22,7 +22,6 @@ versions, date and load average in every row).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import sparseprune  # noqa: E402
 from sparseprune import autotune  # noqa: E402
 from sparseprune.bench.models import resnet50  # noqa: E402
+from sparseprune.bench.speed import write_csv  # noqa: E402
 from sparseprune.bench.timing import compare  # noqa: E402
 from sparseprune.formats.conv import ConvGeometry, gemm_weight, im2col  # noqa: E402
 from sparseprune.prune.patterns import parse_pattern  # noqa: E402
@@ -121,13 +121,7 @@ def main(argv=None):
           f"({tot['im2col_ms'] / tot['dense_ms']:.2f} of dense, {tot['im2col_ms'] / tot['sparse_ms']:.2f} of sparse), "
           f"gemm {tot['gemm_ms']:.2f} ms, sparse {tot['sparse_ms']:.2f} ms")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"conv-im2col-{device.type}.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, os.path.join(args.out, f"conv-im2col-{device.type}.csv"))
 
 
 if __name__ == "__main__":
