@@ -27,7 +27,7 @@ class PackedModule(nn.Module):
     the bias is a frozen parameter so the module reads like its dense counterpart. ``backend`` is
     ``"auto"`` or a registered backend name; "auto" resolves per device on first use, and
     :mod:`sparseprune.autotune` then picks a backend per batch bucket (dense included).
-    Subclasses implement ``forward`` and may override the two autotune hooks at the end.
+    Subclasses implement ``forward`` and may override the autotune hooks at the end.
     """
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None, backend: str = "auto",

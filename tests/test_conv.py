@@ -231,6 +231,19 @@ def test_convert_cnn_equals_masked_model(pattern, kw):
             torch.testing.assert_close(conv(x), masked(x), atol=1e-5, rtol=1e-4)
 
 
+def test_cast_after_convert_casts_packed_values_and_bias():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1))
+    sparseprune.convert(model, "2:4", backend="cpu")
+    want = [m.to_dense() for m in (model[0], model[2])]
+    model.to(torch.bfloat16)
+    assert model[0].values.dtype == torch.bfloat16 and model[0].bias.dtype == torch.bfloat16
+    assert model[0].meta.dtype == torch.uint8
+    x = torch.randn(2, 8, 5, 7).to(torch.bfloat16)
+    ref = F.conv2d(F.relu(F.conv2d(x.float(), want[0], model[0].bias.float(), padding=1)).bfloat16().float(),
+                   want[1], model[2].bias.float())
+    torch.testing.assert_close(model(x).float(), ref, atol=5e-2, rtol=5e-2)
+
+
 def test_permute_leaves_convs_unpermuted_and_says_so():
     model = _cnn()
     masked = copy.deepcopy(model)
