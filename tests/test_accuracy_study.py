@@ -26,7 +26,8 @@ def _tiny_task() -> acc.Task:
 
 
 STYLES = [s for s in acc.STYLES if s.label in (
-    "dense", "unstructured 50% wanda", "2:4 magnitude", "2:4 sparsegpt +perm", "4:8 wanda", "hybrid 75% sparsegpt")]
+    "dense", "unstructured 50% wanda", "2:4 magnitude", "2:4 sparsegpt +perm", "4:8 wanda", "hybrid 75% sparsegpt",
+    "channel 50% flap")]
 
 
 def test_run_task_rows_and_outputs(tmp_path):
@@ -99,3 +100,32 @@ def test_digits_task_builds_and_scores():
     assert sum(x.shape[0] for x in task.calibration) == 512
     inputs = task.timing_inputs(task.model)
     assert set(inputs) == {"0", "2", "4"} and all(x.shape[0] == 1 for x in inputs.values())
+
+
+def test_cnn_rows_time_convs_and_shrunk_layers():
+    """The CNN task's styles on an untrained tiny CNN: channel pruning shrinks convs and is timed
+    layer by layer on the inputs of the shrunk model; the picks at equal speedup come from the rows."""
+    from sparseprune.bench.models import digits_cnn
+
+    model = digits_cnn(width=8).eval()
+    x = torch.randn(48, 1, 8, 8)
+    y = model(x).argmax(-1)
+
+    def evaluate(m):
+        with torch.no_grad():
+            return 100.0 * (m(x).argmax(-1) == y).float().mean().item()
+
+    task = acc.Task("cnn", model, [x[:24], x[24:]], evaluate, "acc%", True, None,
+                    lambda m: acc._capture_inputs(m, lambda mm: mm(x[:1]), ""), notes={})
+    inputs = task.timing_inputs(model)
+    assert inputs["0"].shape == (1, 1, 8, 8) and inputs["11"].shape == (1, 256)
+    styles = [s for s in acc.STYLES if s.label in ("dense", "channel 50% magnitude", "channel 25% sparsegpt")]
+    rows = acc.run_task(task, torch.device("cpu"), quick=True, log=lambda *a: None, styles=styles,
+                        timing_budget_s=0.02)
+    by = {r["style"]: r for r in rows}
+    for label in ("channel 50% magnitude", "channel 25% sparsegpt"):
+        r = by[label]
+        assert r["value_converted"] == pytest.approx(r["value"], abs=2.5)  # the shrunk model is the masked one
+        assert r["speedup_b1"] > 0 and r["speedup_b64"] > 0 and r["layers_pruned"] == 5
+    picks = dict(acc.least_loss_at_speedup(rows, "cnn", levels=(1.0, 1e9)))
+    assert picks[1e9] is None and picks[1.0] is not None

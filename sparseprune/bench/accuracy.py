@@ -1,6 +1,6 @@
 """``sparseprune bench --accuracy``: what each pruning style costs in accuracy, next to its speedup.
 
-Two models are trained inside the benchmark on data that ships with Python and scikit-learn
+Three models are trained inside the benchmark on data that ships with Python and scikit-learn
 (nothing is downloaded):
 
 * **lm**: a small Llama (``transformers.LlamaForCausalLM`` from a tiny config) trained on
@@ -10,13 +10,19 @@ Two models are trained inside the benchmark on data that ships with Python and s
   magnitude pruning collapse there and Wanda shine (see ``benchmarks/wanda_diagnosis.py``); the
   targets are checked on both models and reported as they come out.
 * **digits**: an MLP on scikit-learn's bundled 8x8 digits. Metric: test accuracy (%).
+* **cnn**: a small CNN (three Conv-BN-ReLU, a max-pool, two Linear) on the same digits, so the
+  convolutional styles (Conv2d 2:4/block/hybrid, channel pruning of conv filters) have a point.
 
 For each pruning style (dense; unstructured 50%; 2:4 with magnitude / Wanda / SparseGPT, each
-with and without channel permutation; 4:8; block 50% and 75%; hybrid) the trained model is
-copied, pruned with calibration data from the training split, evaluated, then converted (packed
-in our formats) and evaluated again, and the converted linear layers are timed against the dense
-ones on the inputs they see in the model (interleaved runs, median of ratios). Patterns without
-kernels (unstructured, 4:8) report speedup n/a. Writes ``accuracy.csv`` and ``accuracy.png``.
+with and without channel permutation; 4:8; block 50% and 75%; hybrid; channel pruning at 25% and
+50% of each group's channels/neurons/heads with magnitude / Wanda / FLAP / SparseGPT) the trained
+model is copied, pruned with calibration data from the training split, evaluated, then converted
+(packed in our formats, or shrunk for channel pruning) and evaluated again, and the converted
+layers are timed against the dense ones on the inputs they see in the model (interleaved runs,
+median of ratios; for channel pruning every layer whose shape changed, each on the input it sees
+in its own model). Patterns without kernels (unstructured, 4:8) report speedup n/a. Writes
+``accuracy.csv`` and ``accuracy.png``, and prints, per task, the style that loses least at
+each speedup level.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from torch import nn
 
 from .. import prune as sp_prune
 from ..convert import convert
-from ..modules import SparseLinear
+from ..bench.models import digits_cnn
+from ..modules import PackedModule
 from .._device import device_name
 from .timing import compare
 
@@ -58,6 +65,8 @@ class Style:
             return 0.0
         if self.pattern == "hybrid":
             return (1 + self.sparsity) / 2
+        if self.pattern == "channel":  # fraction of channels; a layer between two pruned groups loses more weights
+            return self.sparsity
         if ":" in self.pattern:
             n, m = map(int, self.pattern.split(":"))
             return 1 - n / m
@@ -65,7 +74,7 @@ class Style:
 
     @property
     def has_kernels(self) -> bool:
-        return self.pattern in ("2:4", "block", "hybrid")
+        return self.pattern in ("2:4", "block", "hybrid", "channel")
 
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -77,6 +86,8 @@ STYLES += [Style(f"block32 50% {m}", "block", m, 0.5) for m in METHODS]
 STYLES += [Style(f"block32 75% {m}", "block", m, 0.75) for m in METHODS]
 STYLES += [Style(f"hybrid 75% {m}", "hybrid", m, 0.5) for m in METHODS]
 STYLES += [Style("hybrid 75% sparsegpt +perm", "hybrid", "sparsegpt", 0.5, permute=True)]
+CHANNEL_METHODS = ("magnitude", "wanda", "flap", "sparsegpt")
+STYLES += [Style(f"channel {round(s * 100)}% {m}", "channel", m, s) for s in (0.25, 0.5) for m in CHANNEL_METHODS]
 
 
 @dataclass
@@ -215,22 +226,25 @@ def build_lm_task(quick: bool, device: torch.device, seed: int = 0, log=print, c
 
 # --- the digits MLP -----------------------------------------------------------------------------------
 
-def build_digits_task(quick: bool, device: torch.device, seed: int = 0, log=print, cache_dir: str | None = None) -> Task:
+def digits_data(seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(test x, test y, train x, train y): scikit-learn's 8x8 digits scaled to [0, 1], a quarter held out."""
     from sklearn.datasets import load_digits
 
-    torch.manual_seed(seed)
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32) / 16.0
     y = torch.tensor(d.target)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[perm].to(device), y[perm].to(device)
     n_test = len(x) // 4
-    xt, yt, xtr, ytr = x[:n_test], y[:n_test], x[n_test:], y[n_test:]
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    epochs = 60 if quick else 150
+    return x[:n_test], y[:n_test], x[n_test:], y[n_test:]
+
+
+def _train_classifier(model, xtr, ytr, epochs: int, seed: int, device, lr: float = 2e-3) -> float:
+    """AdamW, batches of 64, ``epochs`` passes; returns the seconds it took."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
+    model.train()
     for _ in range(epochs):
         order = torch.randperm(len(xtr), generator=g).to(device)
         for idx in order.split(64):
@@ -239,7 +253,15 @@ def build_digits_task(quick: bool, device: torch.device, seed: int = 0, log=prin
             loss.backward()
             opt.step()
     model.eval()
-    train_s = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def build_digits_task(quick: bool, device: torch.device, seed: int = 0, log=print, cache_dir: str | None = None) -> Task:
+    torch.manual_seed(seed)
+    xt, yt, xtr, ytr = digits_data(seed, device)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
+    epochs = 60 if quick else 150
+    train_s = _train_classifier(model, xtr, ytr, epochs, seed, device)
 
     @torch.no_grad()
     def evaluate(m) -> float:
@@ -256,15 +278,47 @@ def build_digits_task(quick: bool, device: torch.device, seed: int = 0, log=prin
                        "calibration": "512 training images"})
 
 
+# --- the digits CNN -----------------------------------------------------------------------------------
+
+def build_cnn_task(quick: bool, device: torch.device, seed: int = 0, log=print, cache_dir: str | None = None) -> Task:
+    """A small CNN (:func:`sparseprune.bench.models.digits_cnn`) on the 8x8 digits, channels-last."""
+    torch.manual_seed(seed)
+    xt, yt, xtr, ytr = digits_data(seed, device)
+    as_images = lambda v: v.reshape(-1, 1, 8, 8).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    xt, xtr = as_images(xt), as_images(xtr)
+    model = digits_cnn().to(device).to(memory_format=torch.channels_last)
+    epochs = 8 if quick else 30
+    train_s = _train_classifier(model, xtr, ytr, epochs, seed, device)
+
+    @torch.no_grad()
+    def evaluate(m) -> float:
+        return 100.0 * (m(xt).argmax(-1) == yt).float().mean().item()
+
+    calib = list(xtr[:512].split(128))
+    log(f"  cnn: trained {epochs} epochs in {train_s:.1f} s, test accuracy {evaluate(model):.2f}%")
+
+    def timing_inputs(m):
+        return _capture_inputs(m, lambda mm: mm(xt[:1]), "")
+
+    return Task("cnn", model, calib, evaluate, "acc%", True, None, timing_inputs,
+                notes={"params": sum(p.numel() for p in model.parameters()), "train_s": train_s,
+                       "calibration": "512 training images"})
+
+
 # --- timing the same layers dense vs converted ----------------------------------------------------
 
 def _capture_inputs(model: nn.Module, run, name_part: str) -> dict[str, torch.Tensor]:
-    """{layer name: its input for one model call} for every Linear/SparseLinear whose name contains name_part."""
+    """{layer name: its input for one model call} for every Linear / Conv2d (dense or packed) whose
+    name contains name_part: Linear inputs as rows [tokens, features], conv inputs as images."""
     seen, handles = {}, []
+
+    def keep(name, x):
+        x = x.detach()
+        seen.setdefault(name, (x.reshape(-1, x.shape[-1]) if x.dim() != 4 else x).clone())
+
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, SparseLinear)) and name_part in name:
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, a, name=name: seen.setdefault(name, a[0].detach().reshape(-1, a[0].shape[-1]).clone())))
+        if isinstance(mod, (nn.Linear, nn.Conv2d, PackedModule)) and name_part in name:
+            handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: keep(name, a[0])))
     try:
         with torch.no_grad():
             run(model)
@@ -274,26 +328,39 @@ def _capture_inputs(model: nn.Module, run, name_part: str) -> dict[str, torch.Te
     return seen
 
 
+def _rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``rows`` rows (tokens, or images for a conv) of ``x``, repeating its first when it has fewer."""
+    fmt = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+    out = x[:1].expand(rows, *x.shape[1:]) if x.shape[0] < rows else x[:rows]
+    return out.contiguous(memory_format=fmt)
+
+
 def time_layers(dense: nn.Module, sparse: nn.Module, inputs: dict[str, torch.Tensor], device, rows: int,
-                budget_s: float) -> float | None:
-    """Median-of-ratios speedup of the converted layers over the same dense layers on ``rows`` rows."""
+                budget_s: float, sparse_inputs: dict[str, torch.Tensor] | None = None) -> float | None:
+    """Median-of-ratios speedup of the converted layers over the same dense layers on ``rows`` rows
+    (tokens, or images for convs). ``sparse_inputs``: channel pruning, where every layer whose shape
+    changed is timed on the (narrower) input it sees in the shrunk model."""
     pairs = []
     for name, x in inputs.items():
-        s = sparse.get_submodule(name)
-        if not isinstance(s, SparseLinear):
-            continue
-        d = dense.get_submodule(name)
-        xr = x[:1].expand(rows, -1).contiguous() if x.shape[0] < rows else x[:rows].contiguous()
-        pairs.append((d, s, xr))
+        s, d = sparse.get_submodule(name), dense.get_submodule(name)
+        if sparse_inputs is None:
+            if not isinstance(s, PackedModule):
+                continue
+            xs = x
+        else:
+            if name not in sparse_inputs or s.weight.shape == d.weight.shape:
+                continue
+            xs = sparse_inputs[name]
+        pairs.append((d, _rows(x, rows), s, _rows(xs, rows)))
     if not pairs:
         return None
 
     def run_dense():  # module calls on both sides, so both pay nn.Module.__call__
-        for d, _, x in pairs:
+        for d, x, _, _ in pairs:
             d(x)
 
     def run_sparse():
-        for _, s, x in pairs:
+        for _, _, s, x in pairs:
             s(x)
 
     with torch.no_grad():
@@ -336,13 +403,27 @@ def run_task(task: Task, device: torch.device, quick: bool, log=print, styles=No
                   calibration=task.calibration if st.method != "magnitude" else None)
         if st.pattern in ("block", "hybrid", "unstructured"):
             kw.update(sparsity=st.sparsity, block_size=(st.block, st.block))
+        if st.pattern == "channel":
+            kw.update(sparsity=st.sparsity)
         rep = sp_prune(m, st.pattern, **kw)
         row["prune_s"] = round(time.perf_counter() - t0, 2)
         row["value"] = task.evaluate(m)
         row["layers_pruned"] = len(rep.converted)
         row["value_converted"] = None
         row["speedup_b1"] = row["speedup_b64"] = None
-        if st.has_kernels:
+        if st.pattern == "channel":
+            # convert() with no sparsity removes exactly what prune() zeroed: the shrunk model
+            conv = convert(copy.deepcopy(m), "channel", include=task.include)
+            row["value_converted"] = task.evaluate(conv)
+            # speed depends on the shapes only (the same for every method at one per-group sparsity)
+            key = ("channel", tuple((n, tuple(p.shape)) for n, p in conv.named_parameters()))
+            if key not in speed_cache:
+                shrunk_inputs = task.timing_inputs(conv)
+                speed_cache[key] = tuple(time_layers(task.model, conv, inputs, device, r,
+                                                     timing_budget_s or (0.3 if quick else 1.0),
+                                                     sparse_inputs=shrunk_inputs) for r in (1, 64))
+            row["speedup_b1"], row["speedup_b64"] = speed_cache[key]
+        elif st.has_kernels:
             conv = convert(copy.deepcopy(m), st.pattern, sparsity=st.sparsity, block_size=(st.block, st.block),
                            include=task.include, backend=backend)
             row["value_converted"] = task.evaluate(conv)
@@ -438,8 +519,9 @@ def plot(rows: list[dict], path: str) -> None:
 
     models = sorted({r["model"] for r in rows}, key=lambda m: m != "lm")
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
-    colors = {"magnitude": "tab:red", "wanda": "tab:blue", "sparsegpt": "tab:green", "-": "black"}
-    markers = {"dense": "*", "unstructured": "x", "2:4": "o", "4:8": "P", "block": "s", "hybrid": "D"}
+    colors = {"magnitude": "tab:red", "wanda": "tab:blue", "sparsegpt": "tab:green", "flap": "tab:purple",
+              "-": "black"}
+    markers = {"dense": "*", "unstructured": "x", "2:4": "o", "4:8": "P", "block": "s", "hybrid": "D", "channel": "v"}
     for ax, model in zip(axes[0], models):
         rs = [r for r in rows if r["model"] == model]
         for r in rs:
@@ -449,7 +531,7 @@ def plot(rows: list[dict], path: str) -> None:
             ax.annotate(r["style"].replace(" magnitude", " mag").replace(" sparsegpt", " sgpt"), (x, r["value"]),
                         fontsize=6, xytext=(4, 2), textcoords="offset points")
         ax.axvline(1.0, color="gray", lw=0.5, ls="--")
-        ax.set_xlabel("speedup of the converted linear layers at batch 1 (0 = no kernel)")
+        ax.set_xlabel("speedup of the converted layers at batch 1 (0 = no kernel)")
         ax.set_ylabel(rs[0]["metric"] + (" (higher is better)" if rs[0]["metric"].startswith("acc")
                                          else " (lower is better)"))
         if not rs[0]["metric"].startswith("acc"):
@@ -458,18 +540,38 @@ def plot(rows: list[dict], path: str) -> None:
         for meth, c in colors.items():
             if meth != "-":
                 ax.scatter([], [], c=c, label=meth)
+        for pat, mk in markers.items():
+            if pat != "dense":
+                ax.scatter([], [], c="gray", marker=mk, label=pat)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-TASKS = {"lm": build_lm_task, "digits": build_digits_task}
+def least_loss_at_speedup(rows: list[dict], model: str, levels=(1.0, 1.25, 1.5, 2.0, 3.0),
+                          key: str = "speedup_b1") -> list[tuple[float, dict | None]]:
+    """For each speedup level: the style of ``model`` with the best metric among those at least that
+    fast (measured, converted; dense counts at 1.0), or None when no style is that fast."""
+    rs = [r for r in rows if r["model"] == model and r.get(key) is not None]
+    out = []
+    for lv in levels:
+        fast = [r for r in rs if r[key] >= lv and r["pattern"] != "dense" or (lv <= 1.0 and r["pattern"] == "dense")]
+        if not fast:
+            out.append((lv, None))
+            continue
+        hib = fast[0]["metric"].startswith("acc")
+        val = lambda r: r["value_converted"] if r.get("value_converted") is not None else r["value"]  # noqa: E731
+        out.append((lv, max(fast, key=val) if hib else min(fast, key=val)))
+    return out
 
 
-def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks=("lm", "digits"),
+TASKS = {"lm": build_lm_task, "digits": build_digits_task, "cnn": build_cnn_task}
+
+
+def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks=("lm", "digits", "cnn"),
         styles=None) -> list[dict]:
-    """Train both models, prune them every way, print the table; writes accuracy.csv and accuracy.png.
+    """Train the models, prune them every way, print the table; writes accuracy.csv and accuracy.png.
 
     The trained LM is saved in ``out_dir`` and reused by later runs with the same settings.
     """
@@ -492,6 +594,11 @@ def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks
     for name, n in notes.items():
         how = "loaded from the cache" if n.get("trained") is False else f"trained in {n['train_s']:.0f} s"
         print(f"{name}: {n['params']:,} parameters, {how}, calibration {n['calibration']}")
+    for name in tasks:
+        print(f"least loss at equal speedup ({name}, batch 1):")
+        for lv, r in least_loss_at_speedup(rows, name):
+            print(f"  >= {lv:.2f}x: " + ("no style is that fast" if r is None else
+                                         f"{r['style']} ({r['metric']} {r['value']:.4g}, {r['speedup_b1']:.2f}x)"))
     for name in tasks:
         checks = check_targets(rows, name)
         if checks:

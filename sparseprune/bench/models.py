@@ -120,3 +120,14 @@ def resnet50(num_classes: int = 1000, width: int = 64, **kw) -> ResNet:
 def resnet18(num_classes: int = 1000, width: int = 64, **kw) -> ResNet:
     """ResNet-18 (2, 2, 2, 2 basic blocks); width=64 is torchvision's resnet18 (11.7 M parameters)."""
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, width=width, **kw)
+
+
+def digits_cnn(width: int = 32, classes: int = 10) -> nn.Sequential:
+    """The accuracy study's CNN for 8x8 images: three Conv-BN-ReLU (the second pair at full
+    resolution, then a 2x2 max-pool), flattened into two Linear layers."""
+    w, w2 = width, 2 * width
+    return nn.Sequential(
+        nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+        nn.Conv2d(w, w2, 3, padding=1, bias=False), nn.BatchNorm2d(w2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(w2, w2, 3, padding=1, bias=False), nn.BatchNorm2d(w2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(w2 * 16, 128), nn.ReLU(), nn.Linear(128, classes))
