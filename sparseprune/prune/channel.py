@@ -45,7 +45,7 @@ from ..report import LayerReport, Report
 from .calibrate import LayerStats, _progress, calibrate_layers, collect_stats
 from .channel_graph import Analysis, Group, find_groups, is_layer
 from .select import _matches
-from .sparsegpt import damped_hessian
+from .sparsegpt import hessian_inverse
 
 CHANNEL_METHODS = ("magnitude", "wanda", "flap", "sparsegpt")
 RECORD_ATTR = "_sparseprune_channels"
@@ -133,7 +133,7 @@ def group_scores(group: Group, mods: dict, method: str, stats: dict | None = Non
                 if scale is not None:
                     v = v * scale.to(v.device).pow(2)
             parts.append(v.reshape(units, m.width).sum(1).sqrt())
-        return _normalized(parts)
+        return _normalized(parts).cpu()
     for m in consumers:
         mod, st = mods[m.module], stats[m.module]
         w2 = _sq_per_index(mod, "in")
@@ -141,14 +141,13 @@ def group_scores(group: Group, mods: dict, method: str, stats: dict | None = Non
             v = w2.sqrt() * st.col_norm().to(w2.device)
         elif method == "flap":
             v = w2 * (st.sq_mean - st.mean.pow(2)).clamp_min(0).to(w2.device)
-        elif st.H is not None:  # sparsegpt on a Linear: OBS saliency
-            hd, dead = damped_hessian(st.H)
-            hinv = torch.cholesky_inverse(torch.linalg.cholesky(hd)).diagonal()
-            v = (w2 / hinv.to(w2.device)).masked_fill(dead.to(w2.device), 0.0)
+        elif st.H is not None:  # sparsegpt on a Linear: OBS saliency (inputs that were always zero cost nothing)
+            hinv, dead = hessian_inverse(st.H)
+            v = (w2 / hinv.diagonal().to(w2.device)).masked_fill(dead.to(w2.device), 0.0)
         else:  # sparsegpt on a conv: the diagonal of H
             v = w2 * st.sq_mean.to(w2.device)
         parts.append(v.reshape(units, m.width).sum(1))
-    return _normalized(parts)
+    return _normalized(parts).cpu()
 
 
 def n_remove(units: int, sparsity: float) -> int:
@@ -229,16 +228,6 @@ def compensate_mean(name: str, mod: nn.Module, removed: torch.Tensor, st: LayerS
         mod.bias = nn.Parameter(delta.to(mod.weight.dtype), requires_grad=mod.weight.requires_grad)
 
 
-def _solve_spd(H: torch.Tensor, rhs: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
-    """H^-1 rhs for a symmetric positive semi-definite H, damped (more if Cholesky fails)."""
-    for extra in (1.0, 10.0, 100.0, 1000.0):
-        hd, _ = damped_hessian(H, percdamp * extra)
-        L, info = torch.linalg.cholesky_ex(hd)
-        if int(info.item()) == 0:
-            return torch.cholesky_solve(rhs, L)
-    raise RuntimeError("channel pruning: the calibration Hessian is not positive definite even with 1000% damping")
-
-
 @torch.no_grad()
 def least_squares(mod: nn.Linear, keep: torch.Tensor, removed: torch.Tensor, st: LayerStats) -> None:
     """W_K += W_R H_RK H_KK^-1 (and the bias as the input of constant 1, when the layer has one):
@@ -253,7 +242,8 @@ def least_squares(mod: nn.Linear, keep: torch.Tensor, removed: torch.Tensor, st:
         keep = torch.cat([keep, keep.new_tensor([n_in])])
     hk = H[keep][:, keep]
     hkr = H[keep][:, removed]
-    update = _solve_spd(hk, hkr).t()  # [R, K]: H_RK H_KK^-1
+    hinv, _ = hessian_inverse(hk)  # damped like SparseGPT's (more if Cholesky fails)
+    update = (hinv @ hkr).t()  # [R, K]: H_RK H_KK^-1
     new_k = W[:, keep] + W[:, removed] @ update
     mod.weight.data[:, keep[: keep.numel() - (mod.bias is not None)]] = \
         new_k[:, : new_k.shape[1] - (mod.bias is not None)].to(mod.weight.dtype)
@@ -481,7 +471,7 @@ def prune_channels(model: nn.Module, *, sparsity=None, method: str = "magnitude"
     kept: dict[str, torch.Tensor] = {}
 
     def decide(g: Group, remove: int, scores: torch.Tensor) -> None:
-        keep = keep_units(scores, remove)
+        keep = keep_units(scores.cpu(), remove)
         gone = torch.ones(g.units, dtype=torch.bool)
         gone[keep] = False
         kept[g.name], removed[g.name] = keep, gone.nonzero().flatten()
