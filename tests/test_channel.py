@@ -430,7 +430,8 @@ def test_load_refuses_a_bad_channel_record(tmp_path):
     for bad, match in ((dict(config["channel"], modules={"9": {}}), "lacks"),
                        (dict(config["channel"], modules={"0": {"attrs": {"forward": 3}}}), "may not set"),
                        (dict(config["channel"], modules={"0": {"params": {"weight": [-1, 2]}}}), "non-negative"),
-                       (dict(config["channel"], config={"vocab_size": 3}), "may not set")):
+                       (dict(config["channel"], config={"vocab_size": 3}), "may not set"),
+                       (dict(config["channel"], modules={"0": {"attrs": {"out_features": 7}}}), "inconsistent")):
         save_file(tensors, tmp_path / "bad.safetensors", metadata={"sparseprune": json.dumps(dict(config, channel=bad))})
         with pytest.raises(ValueError, match=match):
             sparseprune.load(tmp_path / "bad.safetensors", _mlp())

@@ -402,10 +402,11 @@ def _block_by_block(model, by_block, method, calibration, pruner, stack) -> None
 
 def collect_stats(model: nn.Module, plans, calibration, *, hessian: bool = False) -> dict:
     """{plan name: statistics} of ``plans``' layers' inputs over one pass of the calibration data
-    through the (unchanged) model."""
+    through the (unchanged) model, under eval() and without a KV cache."""
     stats, handles = _stat_hooks(model, plans, hessian)
     try:
-        run_calibration(model, calibration)
+        with _calibration_mode(model):
+            run_calibration(model, calibration)
     finally:
         for h in handles:
             h.remove()

@@ -320,6 +320,29 @@ def _merge_record(model: nn.Module, modules: dict, config: dict) -> None:
     setattr(model, RECORD_ATTR, rec)
 
 
+def _inconsistent(mod: nn.Module) -> str | None:
+    """Why ``mod``'s size attributes disagree with its tensors (None: they agree)."""
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, nn.Linear):
+        want = (mod.out_features, mod.in_features)
+    elif is_layer(mod):
+        want = (mod.out_channels, mod.in_channels // max(mod.groups, 1), *mod.kernel_size)
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        t = w if w is not None else mod.running_mean
+        return None if t is None or t.shape == (mod.num_features,) else \
+            f"num_features={mod.num_features} but its tensors hold {tuple(t.shape)}"
+    elif isinstance(getattr(mod, "normalized_shape", None), tuple) and w is not None:
+        want = tuple(mod.normalized_shape)
+    else:
+        return None
+    if w is not None and tuple(w.shape) != want:
+        return f"its weight is {tuple(w.shape)}, its size attributes say {want}"
+    b = getattr(mod, "bias", None)
+    if isinstance(b, torch.Tensor) and b.shape != (want[0],):
+        return f"its bias is {tuple(b.shape)}, it has {want[0]} outputs"
+    return None
+
+
 def _shape_list(v, what: str) -> list[int]:
     if not (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)):
         raise ValueError(f"{what} must be a list of non-negative ints, got {v!r}")
@@ -370,6 +393,9 @@ def apply_record(model: nn.Module, record, where: str = "checkpoint") -> None:
             elif not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
                 raise ValueError(f"{where}: {name}.{a} must be a positive int, got {v!r}")
             setattr(mod, a, v)
+        why = _inconsistent(mod)
+        if why:
+            raise ValueError(f"{where}: the channel record leaves {name} inconsistent: {why}")
     cfg = getattr(model, "config", None)
     for k, v in (record.get("config") or {}).items():
         if k not in _CONFIG_KEYS or not (isinstance(v, int) and v > 0):
