@@ -116,8 +116,13 @@ def test_include_exclude_keep_a_group_whole():
     rep = sparseprune.prune(model, "channel", sparsity=0.5, exclude=["5"])
     by = {lr.name: lr for lr in rep.layers}
     assert by["0"].status == "pruned" and "5" not in by  # 0 -> 2 pruned; 2 -> 5 needs 5, which is excluded
-    assert by["2"].reason == "in 40->20"  # only its inputs
+    assert by["2"].reason.startswith("in 40->20; outputs kept: its group also holds 5")  # only its inputs
     assert not (model[2].weight == 0).all(1).any()  # no output row of layer 2 zeroed
+    # {glob: sparsity}, matched against a group's name and layers; a group no glob matches stays whole
+    rep = sparseprune.convert(_mlp(), "channel", sparsity={"0": 0.25, "5": 0.5}).sparseprune_report
+    assert rep["0"].reason.startswith("out 40->30") and rep["5"].reason.startswith("in 32->16")
+    rep = sparseprune.convert(_mlp(), "channel", sparsity={"0": 0.25}).sparseprune_report
+    assert rep["2"].reason == "in 40->30; outputs kept: no sparsity given for its group"
 
 
 # --- convolutional networks ------------------------------------------------------------------------
@@ -242,7 +247,7 @@ def test_untraceable_and_unknown_ops_are_reported_and_strict_raises():
         sparseprune.prune(copy.deepcopy(ref), "channel", sparsity=0.5, strict=True)
     # channels fixed by the model itself (its outputs) are no reason to raise
     rep = sparseprune.prune(_mlp(), "channel", sparsity=0.5, strict=True)
-    assert rep["5"].reason == "in 32->16"
+    assert rep["5"].reason == "in 32->16; outputs kept: an output of the model"
 
 
 def test_bad_arguments():

@@ -652,29 +652,34 @@ def _report(analysis, todo, removed, why_not, mods, layers, selected, before, sh
         first = g.of_role("out")[0].module
         notes.setdefault(first, []).append(f"group {g.name}: {gone} of {g.units} {what} removed"
                                            + (f" ({g.note})" if g.note else ""))
+    pruned_out = {m.module for g, _ in todo if removed[g.name].numel() for m in g.of_role("out")}
+
+    def kept_because(n: str) -> str:
+        g = out_group.get(n)
+        if g is not None and g.problem:
+            return g.problem
+        if n in analysis.left:
+            return analysis.left[n][0]
+        if g is not None and g.name in why_not:
+            return why_not[g.name]
+        return "no channel of its group scored low enough to go at this sparsity"
+
     for n in layers:
         if n not in selected and n not in changes:
             continue
         mod = mods[n]
-        if n in changes:
-            if shrink:
-                o0, i0 = before[n]
-                o1, i1 = _layer_shape(mod)
-                sp = 1.0 - (o1 * i1) / (o0 * i0)
-            else:
-                sp = (mod.weight == 0).float().mean().item()
-            reason = ", ".join(sorted(changes[n], reverse=True)) + ("; " + "; ".join(notes[n]) if n in notes else "")
-            report.layers.append(LayerReport(n, before[n], "converted" if shrink else "pruned", "channel",
-                                             sparsity=sp, bytes_ratio=1.0 - sp if shrink else None, reason=reason))
+        if n not in changes:
+            report.layers.append(LayerReport(n, before[n], "skipped", "channel", reason=kept_because(n)))
             continue
-        g = out_group.get(n)
-        if g is not None and g.problem:
-            reason = g.problem
-        elif n in analysis.left:
-            reason = analysis.left[n][0]
-        elif g is not None and g.name in why_not:
-            reason = why_not[g.name]
+        if shrink:
+            o0, i0 = before[n]
+            o1, i1 = _layer_shape(mod)
+            sp = 1.0 - (o1 * i1) / (o0 * i0)
         else:
-            reason = "no channel of its group scored low enough to go at this sparsity"
-        report.layers.append(LayerReport(n, before[n], "skipped", "channel", reason=reason))
+            sp = (mod.weight == 0).float().mean().item()
+        reason = ", ".join(sorted(changes[n], reverse=True)) + ("; " + "; ".join(notes[n]) if n in notes else "")
+        if n not in pruned_out:
+            reason += f"; outputs kept: {kept_because(n)}"
+        report.layers.append(LayerReport(n, before[n], "converted" if shrink else "pruned", "channel",
+                                         sparsity=sp, bytes_ratio=1.0 - sp if shrink else None, reason=reason))
     return report
