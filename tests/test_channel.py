@@ -198,6 +198,31 @@ def test_flattened_conv_map_and_depthwise_conv():
         torch.testing.assert_close(shrunk(x), masked(x), **TOL[torch.float32])
 
 
+class _ViewNet(nn.Module):
+    """Classic CNN code: x.view(x.size(0), -1) is a flatten; a hard-coded view(-1, 96) is not known."""
+
+    def __init__(self, hard_coded: bool):
+        super().__init__()
+        self.hard_coded = hard_coded
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 6, 3), nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(x.view(-1, 96) if self.hard_coded else x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("hard_coded", [False, True], ids=["view-batch", "view-hard-coded"])
+def test_view_as_flatten(hard_coded):
+    model = _ViewNet(hard_coded).eval()
+    masked, _, shrunk = _masked_and_shrunk(model, sparsity=0.5)
+    assert shrunk.c1.out_channels == 4
+    assert (shrunk.c2.out_channels, shrunk.fc.in_features) == ((6, 96) if hard_coded else (3, 48))
+    if hard_coded:
+        assert ".view()" in shrunk.sparseprune_report["c2"].reason
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(shrunk(x), masked(x), **TOL[torch.float32])
+
+
 # --- what the analysis cannot follow -----------------------------------------------------------------
 
 class _Branchy(nn.Module):

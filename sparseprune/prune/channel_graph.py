@@ -472,6 +472,8 @@ class _Analyzer:
             return xi
         if key in _POOL_FUNCS:
             return xi if xi.layout == "nchw" else unknown(node, f"{_op_name(node)} pools a tensor that is not a conv map")
+        if key in ("view", "reshape", torch.reshape) and xi.layout == "nchw" and _is_batch_flatten(node, x):
+            return _Info(xi.space, "nc", 2, True)  # x.view(x.size(0), -1): flatten(x, 1)
         if key in (torch.flatten, "flatten"):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -539,6 +541,28 @@ class _Analyzer:
             out.append(g)
         out.sort(key=lambda g: order.get(g.name, 0))
         return out
+
+
+def _is_batch_size(n, x: fx.Node) -> bool:
+    """Whether ``n`` computes x.size(0) or x.shape[0]."""
+    if not isinstance(n, fx.Node):
+        return False
+    if n.op == "call_method" and n.target == "size" and n.args[:1] == (x,) and tuple(n.args[1:]) == (0,):
+        return True
+    if n.op == "call_function" and n.target is operator.getitem and n.args[1:] == (0,):
+        src = n.args[0]
+        return (isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr
+                and src.args == (x, "shape")) or (isinstance(src, fx.Node) and src.op == "call_method"
+                                                  and src.target == "size" and src.args == (x,))
+    return False
+
+
+def _is_batch_flatten(node: fx.Node, x: fx.Node) -> bool:
+    """x.view(x.size(0), -1) / x.reshape(x.shape[0], -1) / torch.reshape(x, (x.size(0), -1))."""
+    shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return len(shape) == 2 and shape[1] == -1 and _is_batch_size(shape[0], x)
 
 
 def boundary_in(prefix: str, boundary: tuple[str, bool]) -> tuple[str, bool]:
