@@ -1,7 +1,7 @@
 """Which nn.Linear and nn.Conv2d layers a pattern applies to, and why the others are left dense.
 
 A Conv2d is pruned as its GEMM weight [O, kh*kw*C] in the channels-last reduction order
-(:mod:`sparseprune.formats.conv`): N:M groups are N:M consecutive input channels at one kernel
+(:mod:`sparseprune.formats.conv`): an N:M group is M consecutive input channels at one kernel
 position, so 2:4 needs in_channels % 4 == 0. Grouped and depthwise convs (groups > 1) are left
 dense: their weight is many small GEMMs, none worth a sparse kernel.
 """
