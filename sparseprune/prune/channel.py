@@ -27,6 +27,12 @@ group are averaged, so layers of different scale weigh the same:
   the calibration inputs (the optimal reconstruction of the layer's outputs on that data);
   conv consumers get the mean compensation (their H over unfolded patches is not gathered).
 
+A bias FLAP adds to a bias-free layer (Llama's o_proj/down_proj) is in sparseprune's record and
+checkpoints, not in a transformers config (``mlp_bias`` would add biases everywhere): reload such a
+model with ``sparseprune.load``, not ``from_pretrained``; per-layer widths that differ likewise.
+With ``global_budget=True`` and ``"sparsegpt"`` every consumer's Hessian is gathered in one pass
+(in^2 floats each, all at once); per-group budgets go block by block.
+
 ``global_budget=True`` ranks the units of all groups together (scores divided by their group's
 mean) and removes ``sparsity`` of all units, keeping at least one per group; otherwise every group
 loses ``round(sparsity * units)`` units. Calibrated methods use the shared calibration driver
