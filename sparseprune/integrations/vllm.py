@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import Parameter
+from vllm.distributed import tensor_model_parallel_all_gather
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
@@ -54,6 +56,7 @@ from ..formats import FORMATS
 from ..modules import SparseLinear
 from . import sharding
 
+logger = init_logger(__name__)
 QUANT_NAME = FORMAT_NAME  # "sparseprune": quantization_config.quant_method and vLLM's quantization=
 BACKEND_ENV = "SPARSEPRUNE_VLLM_BACKEND"
 # Largest tensor_parallel_size listed in a misalignment error's "sizes that work".
@@ -293,6 +296,7 @@ class SparsePruneLinearMethod(LinearMethodBase):
         layer.sparseprune_split = split
         layer.sparseprune_pieces = {}  # logical shard -> (packed piece or dense tensor, in_perm, cfg)
         layer.sparseprune_dtype = params_dtype
+        layer.sparseprune_gather = None  # row-parallel only: input indices to all-gather (see _finish)
         names = sorted({n for c in self.constituents for n in c.required()})
         for name in names:
             # Empty placeholders: the loader keeps what arrives; the real tensors are built per rank.
@@ -353,13 +357,15 @@ class SparsePruneLinearMethod(LinearMethodBase):
             elif split.axis == "cols":
                 piece, perm = sharding.take_cols(packed, start, stop), in_perm
                 if perm is not None and split.sizes[0] != split.totals[0]:
-                    local = perm[start:stop].to(torch.int64)
-                    if bool(((local < start) | (local >= stop)).any()):
-                        raise ValueError(
-                            f"sparseprune: {c.name} has an input-channel permutation that moves channels between "
-                            f"tensor-parallel ranks (this rank holds inputs [{start}, {stop})); serve it with "
-                            f"tensor_parallel_size=1 or convert without permute=True")
-                    perm = local - start
+                    # The rank's packed columns read the inputs perm[start:stop]. When they all lie in
+                    # the rank's own input slice the permutation stays local; otherwise the rank needs
+                    # inputs other ranks hold, and apply() all-gathers the input first.
+                    wanted = perm[start:stop].to(torch.int64)
+                    if bool(((wanted < start) | (wanted >= stop)).any()):
+                        layer.sparseprune_gather = wanted
+                        perm = None
+                    else:
+                        perm = wanted - start
             else:
                 piece, perm = packed, in_perm
             layer.sparseprune_pieces[i] = (piece, perm, c.cfg)
@@ -394,10 +400,20 @@ class SparsePruneLinearMethod(LinearMethodBase):
         for name in {n for c in self.constituents for n in c.required()}:
             delattr(layer, name)  # the empty placeholders; the modules below hold the weights
         del layer.sparseprune_pieces
+        if layer.sparseprune_gather is not None:
+            layer.sparseprune_gather = layer.sparseprune_gather.to(device)
+            logger.warning("sparseprune: the input permutation of %s crosses tensor-parallel ranks; each call "
+                           "all-gathers the layer's input (convert without permute=True to avoid it)",
+                           self.constituents[0].name)
         layer.sparseprune = nn.ModuleList(parts)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         parts = layer.sparseprune
+        gather = layer.sparseprune_gather
+        if gather is not None:
+            # row-parallel layer whose input permutation crosses ranks (see _finish): one all-gather
+            # of the input per call, then this rank's permuted inputs.
+            x = tensor_model_parallel_all_gather(x, dim=-1).index_select(-1, gather)
         out = parts[0](x) if len(parts) == 1 else torch.cat([p(x) for p in parts], dim=-1)
         if bias is not None:
             out = out + bias
