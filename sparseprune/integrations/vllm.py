@@ -162,17 +162,20 @@ def _check_alignment(layer, constituents: list[_Constituent]) -> None:
         if bad is None:
             continue
         start, stop, align = bad
+        heads = getattr(layer.quant_config, "attention_heads", None)
         works = []
         for tp in range(1, _MAX_TP_LISTED + 1):
-            ok = all((s := _split(layer, tp, r)) is not None and misaligned(s, c) is None for r in range(tp))
-            if ok:
+            if heads and (heads[0] % tp or (heads[1] % tp and tp % heads[1])):
+                continue  # vLLM splits attention heads evenly (kv heads may be replicated instead)
+            if all((s := _split(layer, tp, r)) is not None and misaligned(s, c) is None for r in range(tp)):
                 works.append(tp)
         what = "output rows" if split.axis == "rows" else "input columns"
+        scope = "this layer and the model's attention heads" if heads else "this layer"
         raise ValueError(
             f"sparseprune: layer {c.name} ({c.describe()}) cannot be split for tensor_parallel_size="
-            f"{layer.tp_size}: rank {layer.tp_rank} would hold {what} [{start}, {stop}), but a {c.describe()} "
-            f"weight can only be cut at multiples of {align} {what}. tensor_parallel_size values that work "
-            f"for this layer: {works}. Nothing is padded: pick one of those, or convert with a block size that "
+            f"{layer.tp_size}: rank {layer.tp_rank} would hold {what} [{start}, {stop}), but {c.describe()} "
+            f"can only be cut at multiples of {align} {what}. tensor_parallel_size values that work "
+            f"for {scope}: {works}. Nothing is padded: pick one of those, or convert with a block size that "
             f"divides the per-rank size.")
 
 
@@ -187,6 +190,7 @@ class SparsePruneConfig(QuantizationConfig):
         for name, cfg in self.config["layers"].items():
             _layer_settings(name, cfg)  # malformed layer entries fail here, before any layer is built
         self.layers: dict[str, dict] = dict(self.config["layers"])
+        self.attention_heads: tuple[int, int] | None = None  # (query, kv) heads, see maybe_update_config
 
     def get_name(self) -> str:
         return QUANT_NAME
@@ -206,6 +210,15 @@ class SparsePruneConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "SparsePruneConfig":
         return cls(config)
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """Keeps the model's attention head counts: the TP sizes a misalignment error suggests must
+        also split the heads."""
+        text = getattr(hf_config, "get_text_config", lambda: hf_config)()
+        heads = getattr(text, "num_attention_heads", None)
+        if isinstance(heads, int) and heads > 0:
+            kv = getattr(text, "num_key_value_heads", None) or heads
+            self.attention_heads = (heads, kv)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         """Renames the layers the way vLLM renames the model's weights (models whose vLLM module
@@ -424,3 +437,20 @@ def _same_perm(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return torch.equal(a, b)
+
+
+def sparse_layers(model: nn.Module) -> dict[str, list[str]]:
+    """{vLLM layer name: [format of each part ("semi24", "bsr", "hybrid", "dense")]} for every layer
+    this plugin built, and {name + ":backends": [backend names]}; a layer still holding unloaded
+    placeholders is listed as {name + ":placeholders_left": True}. For checks and debugging:
+    ``llm.apply_model(sparse_layers)`` returns one such dict per worker."""
+    out: dict = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LinearBase):
+            continue
+        if hasattr(mod, "sparseprune"):
+            out[name] = [p.kind if isinstance(p, SparseLinear) else "dense" for p in mod.sparseprune]
+            out[name + ":backends"] = sorted({p.backend for p in mod.sparseprune if isinstance(p, SparseLinear)})
+        if isinstance(mod.quant_method, SparsePruneLinearMethod) and not hasattr(mod, "sparseprune"):
+            out[name + ":placeholders_left"] = True
+    return out
