@@ -20,7 +20,6 @@ versions, date and load average. Built models are cached under ``<out>/vllm-mode
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -245,6 +244,7 @@ def main(argv=None):
     import vllm
 
     import sparseprune
+    from sparseprune.bench.speed import write_csv
 
     load = os.getloadavg()[0]
     date = datetime.datetime.now().isoformat(timespec="seconds")
@@ -259,12 +259,7 @@ def main(argv=None):
                          "vs_dense": f"{ratio:.2f}", "rounds": args.rounds})
     tag = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")[:40]
     csv_path = os.path.join(args.out, f"vllm-{tag}.csv")
-    new = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            wr.writeheader()
-        wr.writerows(rows)
+    write_csv(rows, csv_path)
     lines = [f"# vLLM offline throughput, {cpu}", "",
              f"{date}; model {shape} (random weights); cores {args.cpus}; load average {load:.2f}; torch "
              f"{torch.__version__}, vLLM {vllm.__version__}, sparseprune {sparseprune.__version__}; "
