@@ -81,14 +81,8 @@ def masked_dense(model):
     return dense
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """(directory, prompts, reference tokens, reference logprobs of those tokens)."""
-    model = mixed_llama()
-    path = tmp_path_factory.mktemp("vllm") / "mixed"
-    sparseprune.save_pretrained(model, path, tokenizer=tiny_tokenizer(VOCAB))
-    gen = torch.Generator().manual_seed(SEED + zlib.crc32(b"test_vllm") % 100003)
-    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 11, 2)]
+def greedy_reference(model, prompts):
+    """Greedy tokens and their logprobs from transformers generate() on the masked dense model."""
     ref = masked_dense(model)
     ref.generation_config.eos_token_id = None  # vLLM runs with ignore_eos: no stop, no EOS masking
     tokens, logprobs = [], []
@@ -99,23 +93,32 @@ def export(tmp_path_factory):
             new = out.sequences[0, len(p):].tolist()
             tokens.append(new)
             logprobs.append([torch.log_softmax(lg[0].double(), -1)[t].item() for lg, t in zip(out.logits, new)])
+    return tokens, logprobs
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """(directory, prompts, reference tokens, reference logprobs of those tokens)."""
+    model = mixed_llama()
+    path = tmp_path_factory.mktemp("vllm") / "mixed"
+    sparseprune.save_pretrained(model, path, tokenizer=tiny_tokenizer(VOCAB))
+    gen = torch.Generator().manual_seed(SEED + zlib.crc32(b"test_vllm") % 100003)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 11, 2)]
+    tokens, logprobs = greedy_reference(model, prompts)
     return path, prompts, tokens, logprobs
 
 
 @contextlib.contextmanager
 def in_process_vllm(**env):
     """Environment for an in-process engine, and the process put back as it was afterwards."""
-    saved = {k: os.environ.get(k) for k in env}
+    saved = dict(os.environ)  # vLLM sets variables of its own too (VLLM_DIST_IDENT, ...)
     os.environ.update(env)
     set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(saved)
         gc.collect()
         from vllm.distributed import cleanup_dist_env_and_memory
 
@@ -200,6 +203,26 @@ def test_tp2_equals_tp1(export, tp1, tp2):
     assert len(tp2["layers"]) == 2  # both ranks hold sparse layers
     for rank in tp2["layers"]:
         assert rank["model.layers.1.mlp.down_proj"] == ["bsr"] and rank["model.layers.2.mlp.gate_up_proj"] == ["hybrid"]
+
+
+def test_fused_checkpoint_layers(tmp_path):
+    """Phi-3 stores qkv_proj and gate_up_proj fused on disk: vLLM loads them whole (no shard id)
+    and the plugin cuts the q/k/v and gate/up pieces out of one packed weight."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0)
+    model = Phi3ForCausalLM(cfg).eval()
+    sparseprune.convert(model, "hybrid", include=["model.layers.0.*"], sparsity=0.5, block_size=(16, 16), backend="cpu")
+    sparseprune.convert(model, "2:4", include=["model.layers.1.*"], backend="cpu")
+    sparseprune.save_pretrained(model, tmp_path)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    tokens, logprobs = greedy_reference(model, prompts)
+    got = serve(tmp_path, prompts, 1, skip_tokenizer_init=True)
+    _assert_same(got, tokens, logprobs)
+    (layers,) = got["layers"]
+    assert layers["model.layers.0.self_attn.qkv_proj"] == ["hybrid"] and layers["model.layers.1.mlp.gate_up_proj"] == ["semi24"]
 
 
 def test_misaligned_tp_split_is_refused(tmp_path, capfd):

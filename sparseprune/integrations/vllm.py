@@ -352,7 +352,7 @@ class SparsePruneLinearMethod(LinearMethodBase):
             for i, off in zip(c.shards, c.offsets):
                 start, stop = split.piece(i, off)
                 piece = w[start:stop] if split.axis == "rows" else w[:, start:stop] if split.axis == "cols" else w
-                layer.sparseprune_pieces[i] = (piece.contiguous(), None, None)
+                layer.sparseprune_pieces[i] = (_owned(piece.contiguous()), None, None)
             return
 
         def take(key):
@@ -381,7 +381,7 @@ class SparsePruneLinearMethod(LinearMethodBase):
                         perm = wanted - start
             else:
                 piece, perm = packed, in_perm
-            layer.sparseprune_pieces[i] = (piece, perm, c.cfg)
+            layer.sparseprune_pieces[i] = (_compact(piece), perm, c.cfg)
 
     def process_weights_after_loading(self, layer) -> None:
         pieces = layer.sparseprune_pieces
@@ -431,6 +431,16 @@ class SparsePruneLinearMethod(LinearMethodBase):
         if bias is not None:
             out = out + bias
         return out
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied if it is a view into a larger tensor (a rank's slice of a checkpoint tensor):
+    the rank keeps its piece, not the whole layer."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
+def _compact(w):
+    return type(w)(shape=w.shape, **{n: _owned(t) for n, t in w.tensors().items()})
 
 
 def _same_perm(a, b) -> bool:
