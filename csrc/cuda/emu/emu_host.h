@@ -1,0 +1,99 @@
+// Emulator internals shared by its translation units (not seen by the kernels): the emulated device, guarded
+// allocations for kernel arguments, and error reporting.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../launch_plan.cuh"
+#include "emu_api.h"
+
+namespace sp_emu {
+
+// The device the planners and the launch checks see, and the fiber schedule (set per API call).
+void set_device(const sp_emu_device& d);
+const sp_emu_device& device();
+
+// Message of the last failed launch (kernel, block, thread, what went wrong), cleared when taken.
+std::string take_error_message();
+void set_error_message(const std::string& m);
+// CTAs executed since the last reset (tests check the planned grid really ran).
+int64_t ctas_run();
+void reset_ctas_run();
+
+// A kernel argument in its own mapping between two inaccessible guard pages. Placement 0 puts the data's end
+// against the back guard page (reads or writes past the end fault; the few bytes of alignment slack are
+// canaries), placement 1 puts its start against the front guard page. The address range is registered, so
+// cp.async and atomics can check they stay inside a tensor, and a fault is reported with the tensor's name.
+class Guarded {
+ public:
+  Guarded(int64_t bytes, int64_t align, int64_t misalign, const std::string& name, int placement);
+  ~Guarded();
+  Guarded(const Guarded&) = delete;
+  Guarded& operator=(const Guarded&) = delete;
+  void* data() const { return data_; }
+  int64_t bytes() const { return bytes_; }
+  const std::string& name() const { return name_; }
+  // Canary bytes around the data untouched? Else describes the first overwritten one.
+  std::string check_canaries() const;
+
+ private:
+  char* map_ = nullptr;
+  size_t map_bytes_ = 0;
+  char* usable_ = nullptr;  // first byte after the front guard page
+  size_t usable_bytes_ = 0;
+  char* data_ = nullptr;
+  int64_t bytes_ = 0;
+  std::string name_;
+};
+
+// The guarded copies of one API call's buffers.
+class Buffers {
+ public:
+  // Copies b into a guarded allocation (null data pointer when b.bytes == 0 and b.ptr is null).
+  void* in(const sp_emu_buf& b);
+  // A guarded allocation of n bytes filled with `fill` (poison), for outputs and workspaces.
+  void* scratch(int64_t bytes, const char* name, unsigned char fill, int64_t align = 256);
+  // Copies the guarded bytes at p back into b.ptr.
+  void out(const void* p, const sp_emu_buf& b) const;
+  // First canary violation of any buffer, or "".
+  std::string check_canaries() const;
+
+ private:
+  std::vector<std::unique_ptr<Guarded>> all_;
+};
+
+// Helpers of the extern "C" entry points.
+inline int report(char* err, int errlen, const std::string& msg) {
+  if (err && errlen > 0) {
+    const size_t n = std::min(msg.size(), size_t(errlen - 1));
+    msg.copy(err, n);
+    err[n] = 0;
+  }
+  return 1;
+}
+inline sparseprune::cuda::DeviceLimits limits() { return {device().num_sms, device().smem_optin}; }
+inline void fill_plan(sp_emu_plan* out, const sparseprune::cuda::LaunchPlan& p) {
+  if (!out) return;
+  *out = sp_emu_plan{};
+  out->config = p.config;
+  out->bm = p.tile.bm;
+  out->bn = p.tile.bn;
+  out->warps_m = p.tile.warps_m;
+  out->warps_n = p.tile.warps_n;
+  out->stages = p.tile.stages;
+  out->threads = p.tile.threads();
+  out->smem_bytes = p.tile.smem_bytes;
+  out->mblocks = p.mblocks;
+  out->nblocks = p.nblocks;
+  out->grid_x = p.grid_x();
+  out->splits = p.splits;
+  out->units_per_split = p.units_per_split;
+  out->workspace_floats = p.workspace_floats;
+}
+// After a launch: the CUDA error (with the emulator's diagnosis) or a canary violation, else "".
+std::string launch_outcome(int err_code, const Buffers& bufs);
+
+}  // namespace sp_emu
