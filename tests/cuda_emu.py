@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -189,6 +191,24 @@ class Emu:
         self._check(rc, err)
         return y, plan
 
+    # --- the planners alone (no tensors: any batch size) ---------------------------------------------
+    def plan_semi24(self, b: int, n: int, k: int, device: Device = H100) -> Plan:
+        return self._plan(lambda e, p, err: self.lib.sp_emu_semi24_linear(
+            F16, ctypes.byref(_dev(device)), e, b, k, (k + 7) // 8 * 8, e, e, n, e, e, 1, p, err, len(err)))
+
+    def plan_block(self, kind: str, b: int, n: int, k: int, block, nnzb: int, device: Device = H100) -> Plan:
+        bh, bw = block
+        if kind == "bsr":
+            return self._plan(lambda e, p, err: self.lib.sp_emu_bsr_linear(
+                F16, ctypes.byref(_dev(device)), e, b, k, k, e, e, e, nnzb, bh, bw, n, e, e, 1, p, err, len(err)))
+        return self._plan(lambda e, p, err: self.lib.sp_emu_hybrid_linear(
+            F16, ctypes.byref(_dev(device)), e, b, k, k, e, e, e, e, nnzb, bh, bw, n, e, e, 1, p, err, len(err)))
+
+    def _plan(self, call) -> Plan:
+        plan, err = Plan(), ctypes.create_string_buffer(4096)
+        self._check(call(_buf(None, ""), ctypes.byref(plan), err), err)
+        return plan
+
     # --- the emulator itself -------------------------------------------------------------------------
     def selftest(self, name: str, device: Device = H100) -> None:
         err = ctypes.create_string_buffer(4096)
@@ -245,11 +265,16 @@ class Emu:
 
 
 def build() -> Path:
-    """Configures (once) and builds the emulator library under build/cuda_emu; returns its path."""
-    if not (BUILD / "build.ninja").exists():
-        subprocess.run(["cmake", "-S", str(SRC), "-B", str(BUILD), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release"],
-                       check=True, capture_output=True, text=True)
-    r = subprocess.run(["cmake", "--build", str(BUILD)], capture_output=True, text=True)
+    """Configures (once) and builds the emulator library under build/cuda_emu; returns its path. Incremental: a
+    no-op when nothing changed. `make test` calls this before pytest (Makefile target `emu`)."""
+    if not (BUILD / "CMakeCache.txt").exists():
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        r = subprocess.run(["cmake", "-S", str(SRC), "-B", str(BUILD), *gen, "-DCMAKE_BUILD_TYPE=Release"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"configuring the CUDA emulator failed:\n{r.stdout}\n{r.stderr}")
+    r = subprocess.run(["cmake", "--build", str(BUILD), "--parallel", str(os.cpu_count() or 2)], capture_output=True,
+                       text=True)
     if r.returncode:
         raise RuntimeError(f"building the CUDA emulator failed:\n{r.stdout}\n{r.stderr}")
     return LIB
@@ -258,3 +283,7 @@ def build() -> Path:
 @functools.cache
 def load() -> Emu:
     return Emu(ctypes.CDLL(str(build())))
+
+
+if __name__ == "__main__":
+    print(f"CUDA emulator built: {build()}")

@@ -114,23 +114,13 @@ def test_block_sparse_every_batch(emu, kind, n, k, block, counts, dtype):
 
 
 def _plans(emu, b):
-    """{(family, config, split?)} the kernel tests above run at batch b."""
-    out = set()
-    for dev, n, k in SEMI_CASES:
-        dt = torch.float16
-        _, plan = emu.semi24_linear(torch.zeros(max(b, 1), k, dtype=dt), torch.zeros(1, dtype=dt),
-                                    torch.zeros(1, dtype=torch.int32), n, device=dev, plan_only=True)
-        out.add(("semi24", plan.config, plan.splits > 1))
+    """{(family, config, split?)} the kernel tests above run at batch b (the planner alone, same inputs)."""
+    out = {("semi24", p.config, p.splits > 1) for p in (emu.plan_semi24(b, n, k, dev) for dev, n, k in SEMI_CASES)}
     for n, k, block, counts in BLOCK_CASES:
+        nnzb = sum(counts[r % len(counts)] for r in range(n // block[0]))
         for kind in ("bsr", "hybrid"):
-            p, _ = _block_weight(kind, n, k, block, counts, torch.float16)
-            x = torch.zeros(max(b, 1), k, dtype=torch.float16)
-            if kind == "bsr":
-                _, plan = emu.bsr_linear(x, p.values, p.crow, p.col, device=H100, plan_only=True)
-            else:
-                v, m = pack_hybrid_sm80(p)
-                _, plan = emu.hybrid_linear(x, v, m, p.crow, p.col, device=H100, plan_only=True)
-            out.add((kind, plan.config, plan.splits > 1))
+            p = emu.plan_block(kind, b, n, k, block, nnzb, H100)
+            out.add((kind, p.config, p.splits > 1))
     return out
 
 

@@ -96,4 +96,29 @@ inline void fill_plan(sp_emu_plan* out, const sparseprune::cuda::LaunchPlan& p) 
 // After a launch: the CUDA error (with the emulator's diagnosis) or a canary violation, else "".
 std::string launch_outcome(int err_code, const Buffers& bufs);
 
+// The body of every *_linear entry point, in the .cu's order: plan (on the emulated device), nothing to launch for
+// an empty output (LinearIO::empty), refuse what the planner refuses, fill the kernel arguments from guarded copies
+// (fill(bufs) -> Args with y inside), refuse misaligned operands (args_error), allocate the split-K workspace
+// poisoned, launch(args, plan, workspace), then copy y back.
+template <typename Args, typename Fill, typename ArgsError, typename Launch>
+int run_linear(const sp_emu_device* dev, int64_t B, int64_t N, const sparseprune::cuda::LaunchPlan& plan, Fill&& fill,
+               ArgsError&& args_error, Launch&& launch, const sp_emu_buf& y, int plan_only, sp_emu_plan* plan_out,
+               char* err, int errlen) {
+  fill_plan(plan_out, plan);
+  if (B == 0 || N == 0) return 0;
+  if (plan.error) return report(err, errlen, plan.error);
+  if (plan_only) return 0;
+  Buffers bufs;
+  const Args a = fill(bufs);
+  if (const char* why = args_error(a)) return report(err, errlen, why);
+  float* ws = plan.workspace_floats
+                  ? static_cast<float*>(bufs.scratch(plan.workspace_floats * 4, "split-K workspace", 0xFF))
+                  : nullptr;
+  const int e = launch(a, ws);
+  if (plan_out) plan_out->ctas_run = ctas_run();
+  if (auto m = launch_outcome(e, bufs); !m.empty()) return report(err, errlen, m);
+  bufs.out(a.y, y);
+  return 0;
+}
+
 }  // namespace sp_emu

@@ -49,7 +49,7 @@ __global__ void misuse_kernel(const TestArgs p) {
       cp_async16(smem + 8, p.in, true);
       break;
     case 1:  // cp.async past the dynamic shared memory requested at launch
-      cp_async16(smem + 1024, p.in, true);
+      cp_async16(smem + 4096, p.in, true);
       break;
     case 2:  // cp.async reading past the end of a tensor
       cp_async16(smem, p.in + p.n, true);

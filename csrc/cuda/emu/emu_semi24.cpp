@@ -11,35 +11,29 @@ extern "C" int sp_emu_semi24_linear(int dtype, const sp_emu_device* dev, sp_emu_
   try {
     sp_emu::set_device(*dev);
     sp_emu::reset_ctas_run();
+    auto fill = [&](sp_emu::Buffers& bufs) {
+      Semi24Args a{};
+      a.values = bufs.in(values);
+      a.meta = static_cast<const uint32_t*>(bufs.in(meta));
+      a.x = bufs.in(x);
+      a.ldx = ldx;
+      a.y = bufs.in(y);
+      a.ldy = N;
+      a.bias = bufs.in(bias);
+      a.B = int(B);
+      a.N = int(N);
+      a.K = int(K);
+      a.MT = int((N + kTileM - 1) / kTileM);
+      a.KS = int((K + kTileK - 1) / kTileK);
+      return a;
+    };
     const LaunchPlan plan = plan_semi24(B, N, K, sp_emu::limits());
-    sp_emu::fill_plan(plan_out, plan);
-    if (B == 0 || N == 0) return 0;  // the .cu returns the empty output without launching (LinearIO::empty)
-    if (plan.error) return sp_emu::report(err, errlen, plan.error);
-    if (plan_only) return 0;
-    sp_emu::Buffers bufs;
-    Semi24Args a{};
-    a.values = bufs.in(values);
-    a.meta = static_cast<const uint32_t*>(bufs.in(meta));
-    a.x = bufs.in(x);
-    a.ldx = ldx;
-    a.y = bufs.in(y);
-    a.ldy = N;
-    a.bias = bufs.in(bias);
-    a.B = int(B);
-    a.N = int(N);
-    a.K = int(K);
-    a.MT = int((N + kTileM - 1) / kTileM);
-    a.KS = int((K + kTileK - 1) / kTileK);
-    if (const char* why = semi24_args_error(a)) return sp_emu::report(err, errlen, why);
-    float* ws = plan.workspace_floats
-                    ? static_cast<float*>(bufs.scratch(plan.workspace_floats * 4, "split-K workspace", 0xFF))
-                    : nullptr;
-    const cudaError_t e = dtype == SP_EMU_F16 ? launch_semi24_sm80<__half>(a, plan, ws, dev->num_sms, nullptr)
-                                             : launch_semi24_sm80<__nv_bfloat16>(a, plan, ws, dev->num_sms, nullptr);
-    if (plan_out) plan_out->ctas_run = sp_emu::ctas_run();
-    if (auto m = sp_emu::launch_outcome(e, bufs); !m.empty()) return sp_emu::report(err, errlen, m);
-    bufs.out(a.y, y);
-    return 0;
+    auto launch = [&](const Semi24Args& a, float* ws) {
+      return dtype == SP_EMU_F16 ? launch_semi24_sm80<__half>(a, plan, ws, dev->num_sms, nullptr)
+                                 : launch_semi24_sm80<__nv_bfloat16>(a, plan, ws, dev->num_sms, nullptr);
+    };
+    return sp_emu::run_linear<Semi24Args>(dev, B, N, plan, fill, semi24_args_error, launch, y, plan_only, plan_out,
+                                          err, errlen);
   } catch (const std::exception& ex) {
     return sp_emu::report(err, errlen, ex.what());
   }
