@@ -533,9 +533,10 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, int dyn_smem, Ke
                               std::to_string(allowed) + " allowed (cudaFuncSetAttribute not raised enough)");
   }
 
-  // Shared memory: its end against a guard page; poisoned so reads of never-written bytes show up as NaN.
+  // Shared memory: one end against a guard page (the end, or with placement 1 the start, like the tensors);
+  // poisoned per CTA so reads of never-written bytes show up as NaN.
   const size_t smem_bytes = size_t(dyn_smem);
-  Guarded smem(int64_t(smem_bytes), 128, 0, "shared memory", 0);
+  Guarded smem(int64_t(smem_bytes), 128, 0, "shared memory", g_device.placement);
   std::vector<Fiber> fibers(static_cast<size_t>(nthreads));
   for (int64_t i = 0; i < nthreads; ++i) {
     auto [lo, hi] = t_stacks.get(size_t(i));
