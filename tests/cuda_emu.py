@@ -161,33 +161,25 @@ class Emu:
     def bsr_linear(self, x, values, crow, col, bias=None, device: Device = H100, plan_only=False,
                    misalign_values=0):
         """y = x W^T (+ bias), W in the canonical BSR layout (values [nnzb, bh, bw], crow, col)."""
-        b, k = x.shape
         nnzb, bh, bw = values.shape
-        n = (crow.numel() - 1) * bh
-        x2 = x_for_cp_async(x)
-        y = torch.full((b, n), float("nan"), dtype=x.dtype)
-        plan, err = Plan(), ctypes.create_string_buffer(4096)
-        rc = self.lib.sp_emu_bsr_linear(
-            DTYPE_CODE[x.dtype], ctypes.byref(_dev(device)), _buf(x2, "x"), b, k, x2.shape[1],
-            _buf(values.contiguous(), "values", 256, misalign_values), _buf(crow.contiguous(), "crow", 4),
-            _buf(col.contiguous(), "col", 4), nnzb, bh, bw, n, _buf(bias, "bias", 2), _buf(y, "y"), int(plan_only),
-            ctypes.byref(plan), err, len(err))
-        self._check(rc, err)
-        return y, plan
+        vals = _buf(values.contiguous(), "values", 256, misalign_values)
+        return self._block(self.lib.sp_emu_bsr_linear, [vals], x, crow, col, nnzb, bh, bw, bias, device, plan_only)
 
     def hybrid_linear(self, x, values, meta, crow, col, bias=None, device: Device = H100, plan_only=False):
         """y = x W^T (+ bias), W as packed by pack_hybrid_sm80 (values [nnzb, bh/16, bw/32, 32, 8])."""
-        b, k = x.shape
         nnzb, bh, bw = values.shape[0], values.shape[1] * 16, values.shape[2] * 32
+        ops = [_buf(values.contiguous(), "values"), _buf(meta.contiguous(), "meta")]
+        return self._block(self.lib.sp_emu_hybrid_linear, ops, x, crow, col, nnzb, bh, bw, bias, device, plan_only)
+
+    def _block(self, fn, weight_bufs, x, crow, col, nnzb, bh, bw, bias, device, plan_only):
+        b, k = x.shape
         n = (crow.numel() - 1) * bh
         x2 = x_for_cp_async(x)
         y = torch.full((b, n), float("nan"), dtype=x.dtype)
         plan, err = Plan(), ctypes.create_string_buffer(4096)
-        rc = self.lib.sp_emu_hybrid_linear(
-            DTYPE_CODE[x.dtype], ctypes.byref(_dev(device)), _buf(x2, "x"), b, k, x2.shape[1],
-            _buf(values.contiguous(), "values"), _buf(meta.contiguous(), "meta"), _buf(crow.contiguous(), "crow", 4),
-            _buf(col.contiguous(), "col", 4), nnzb, bh, bw, n, _buf(bias, "bias", 2), _buf(y, "y"), int(plan_only),
-            ctypes.byref(plan), err, len(err))
+        rc = fn(DTYPE_CODE[x.dtype], ctypes.byref(_dev(device)), _buf(x2, "x"), b, k, x2.shape[1], *weight_bufs,
+                _buf(crow.contiguous(), "crow", 4), _buf(col.contiguous(), "col", 4), nnzb, bh, bw, n,
+                _buf(bias, "bias", 2), _buf(y, "y"), int(plan_only), ctypes.byref(plan), err, len(err))
         self._check(rc, err)
         return y, plan
 

@@ -42,9 +42,7 @@ at::Tensor cuda_hybrid_linear(const at::Tensor& x, const at::Tensor& values, con
   if (const char* why = hybrid_args_error(a)) TORCH_CHECK(false, op, ": ", why);
   const DeviceLimits dev = device_limits(x.get_device());
   const LaunchPlan plan = plan_hybrid(a.B, N, bh, bw, nnzb, dev);
-  TORCH_CHECK(!plan.error, op, ": ", plan.error);
-  at::Tensor ws;  // split-K partials, only when this call splits
-  if (plan.workspace_floats) ws = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
+  const at::Tensor ws = splitk_workspace(plan, x, op);
   float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const cudaError_t err = x.scalar_type() == at::kHalf

@@ -138,12 +138,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N) hybrid_sm80_kernel(con
     }
   }
   cp_async_wait<0>();
-  if (p.partial) {  // split-K: fp32 partials, summed (with bias) by splitk_reduce_kernel
-    store_acc<T, Cfg::kMI, Cfg::kNI>(acc, row0 + warp_m * Cfg::kMI * 16, tok0 + warp_n * (BN / WARPS_N), lane, p.N,
-                                     p.B, nullptr, 0, nullptr, p.partial + int64_t(split) * p.B * p.N);
-  } else {
-    store_cta_acc_staged<T, BM, BN, WARPS_N, Cfg::kThreads>(acc, smem, warp_m, warp_n, tid, row0, tok0, p);
-  }
+  store_cta_result<T, BM, BN, WARPS_N, Cfg::kThreads>(acc, smem, warp_m, warp_n, tid, row0, tok0, split, p);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -175,37 +170,21 @@ inline const char* hybrid_args_error(const HybridArgs& a) {
   return nullptr;
 }
 
-template <typename T, int I>
-inline cudaError_t launch_hybrid_config(HybridArgs a, const LaunchPlan& plan, float* workspace, int num_sms,
-                                        cudaStream_t stream) {
-  constexpr TileConfig c = kHybridConfigs[I];
-  using Cfg = HybridConfig<c.bm, c.bn, c.warps_m, c.warps_n, c.stages>;
-  static_assert(Cfg::kSmemBytes == c.smem_bytes && Cfg::kThreads == c.threads());
+// Runs plan (from plan_hybrid); workspace holds plan.workspace_floats floats (null when 0).
+template <typename T>
+inline cudaError_t launch_hybrid_sm80(HybridArgs a, const LaunchPlan& plan, float* workspace, int num_sms,
+                                      cudaStream_t stream) {
+  if (plan.error || (plan.splits > 1 && !workspace)) return cudaErrorInvalidValue;
   a.mblocks = int(plan.mblocks);
   a.splits = plan.splits;
   a.partial = plan.splits > 1 ? workspace : nullptr;
-  cudaError_t err = launch_with_smem(hybrid_sm80_kernel<T, c.bm, c.bn, c.warps_m, c.warps_n, c.stages>,
-                                     dim3(unsigned(plan.grid_x()), unsigned(plan.splits)), c.threads(), c.smem_bytes,
-                                     a, stream);
-  if (err != cudaSuccess || plan.splits == 1) return err;
-  return launch_splitk_reduce<T>(a.partial, plan.splits, a.B, a.N, a.bias, a.y, num_sms, stream);
+  return dispatch_config<kHybridConfigs.size()>(plan.config, [&](auto I) {
+    constexpr TileConfig c = kHybridConfigs[I];
+    using Cfg = HybridConfig<c.bm, c.bn, c.warps_m, c.warps_n, c.stages>;
+    static_assert(Cfg::kSmemBytes == c.smem_bytes && Cfg::kThreads == c.threads());
+    return launch_planned<T>(hybrid_sm80_kernel<T, c.bm, c.bn, c.warps_m, c.warps_n, c.stages>, a, plan, num_sms,
+                             stream);
+  });
 }
-
-// Runs plan (from plan_hybrid); workspace holds plan.workspace_floats floats (null when 0).
-template <typename T>
-inline cudaError_t launch_hybrid_sm80(const HybridArgs& a, const LaunchPlan& plan, float* workspace, int num_sms,
-                                      cudaStream_t stream) {
-  if (plan.error || (plan.splits > 1 && !workspace)) return cudaErrorInvalidValue;
-  switch (plan.config) {
-    case 0: return launch_hybrid_config<T, 0>(a, plan, workspace, num_sms, stream);
-    case 1: return launch_hybrid_config<T, 1>(a, plan, workspace, num_sms, stream);
-    case 2: return launch_hybrid_config<T, 2>(a, plan, workspace, num_sms, stream);
-    case 3: return launch_hybrid_config<T, 3>(a, plan, workspace, num_sms, stream);
-    case 4: return launch_hybrid_config<T, 4>(a, plan, workspace, num_sms, stream);
-    case 5: return launch_hybrid_config<T, 5>(a, plan, workspace, num_sms, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-static_assert(kHybridConfigs.size() == 6, "launch_hybrid_sm80 dispatches every config");
 
 }  // namespace sparseprune::cuda

@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "launch_plan.cuh"
 
@@ -202,6 +203,20 @@ __device__ __forceinline__ void store_cta_acc_staged(const float (&acc)[MI][NI][
                                                p.N, p.B, static_cast<T*>(p.y), p.ldy, static_cast<const T*>(p.bias));
 }
 
+// The CTA's result: with split-K (p.partial set) this split's fp32 partials [split][B][N] straight from the fragments
+// (splitk_reduce_kernel adds them up with the bias), else the bias-added output through store_cta_acc_staged.
+// Called by all threads of the CTA after the last cp.async has landed.
+template <typename T, int BM, int BN, int WARPS_N, int THREADS, int MI, int NI, typename Args>
+__device__ __forceinline__ void store_cta_result(const float (&acc)[MI][NI][4], unsigned char* smem, int warp_m,
+                                                 int warp_n, int tid, int row0, int tok0, int split, const Args& p) {
+  if (p.partial) {
+    store_acc<T, MI, NI>(acc, row0 + warp_m * MI * 16, tok0 + warp_n * (BN / WARPS_N), tid & 31, p.N, p.B, nullptr,
+                         0, nullptr, p.partial + int64_t(split) * p.B * p.N);
+  } else {
+    store_cta_acc_staged<T, BM, BN, WARPS_N, THREADS>(acc, smem, warp_m, warp_n, tid, row0, tok0, p);
+  }
+}
+
 // Host side: raises kern's dynamic shared-memory limit to smem_bytes (needed above 48 KB), then launches it
 // on grid x threads with that much shared memory. Returns the first CUDA error.
 template <typename Args>
@@ -231,6 +246,28 @@ inline cudaError_t launch_splitk_reduce(const float* partial, int splits, int B,
   const int blocks = int(std::min<int64_t>((n + 255) / 256, 4 * int64_t(num_sms)));
   return launch_kernel(splitk_reduce_kernel<T>, dim3(blocks), dim3(256), 0, stream, partial, splits, n, N,
                        static_cast<const T*>(bias), static_cast<T*>(y));
+}
+
+// Launches kern as plan says (grid.x = M blocks x token blocks, grid.y = K splits, the config's threads and shared
+// memory), then, when K is split, the reduction of the fp32 partials in a.partial into a.y (+ bias).
+template <typename T, typename Args>
+inline cudaError_t launch_planned(void (*kern)(const Args), const Args& a, const LaunchPlan& plan, int num_sms,
+                                  cudaStream_t stream) {
+  cudaError_t err = launch_with_smem(kern, dim3(unsigned(plan.grid_x()), unsigned(plan.splits)), plan.tile.threads(),
+                                     plan.tile.smem_bytes, a, stream);
+  if (err != cudaSuccess || plan.splits == 1) return err;
+  return launch_splitk_reduce<T>(a.partial, plan.splits, a.B, a.N, a.bias, a.y, num_sms, stream);
+}
+
+// Calls launch(std::integral_constant<int, I>) for I == config, one of 0..N-1: turns the planner's runtime
+// config index into the kernel template instantiation of that config.
+template <size_t N, typename Launch>
+inline cudaError_t dispatch_config(int config, Launch&& launch) {
+  return [&]<size_t... I>(std::index_sequence<I...>) {
+    cudaError_t r = cudaErrorInvalidValue;
+    ((config == int(I) ? (r = launch(std::integral_constant<int, int(I)>{}), 0) : 0), ...);
+    return r;
+  }(std::make_index_sequence<N>{});
 }
 
 // cp.async reads 16-byte chunks: a pointer it reads from must be 16-byte aligned.

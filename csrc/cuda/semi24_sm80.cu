@@ -37,10 +37,7 @@ at::Tensor cuda_semi24_linear(const at::Tensor& x, const at::Tensor& values, con
   if (const char* why = semi24_args_error(a)) TORCH_CHECK(false, op, ": ", why);
   const DeviceLimits dev = device_limits(x.get_device());
   const LaunchPlan plan = plan_semi24(a.B, N, K, dev);
-  TORCH_CHECK(!plan.error, op, ": ", plan.error);
-  // split-K partials only when this call splits (caching allocator: cheap, and private to a captured graph)
-  at::Tensor ws;
-  if (plan.workspace_floats) ws = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
+  const at::Tensor ws = splitk_workspace(plan, x, op);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
   const cudaError_t err = x.scalar_type() == at::kHalf

@@ -115,6 +115,13 @@ inline LinearIO prepare_io(const at::Tensor& x, const std::optional<at::Tensor>&
   return io;
 }
 
+// fp32 split-K partials for plan (on x's device), only when the plan splits K; undefined otherwise. The caching
+// allocator makes this cheap, and private to a captured CUDA graph.
+inline at::Tensor splitk_workspace(const LaunchPlan& plan, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(!plan.error, op, ": ", plan.error);
+  return plan.workspace_floats ? at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat)) : at::Tensor();
+}
+
 // Fills the fields the kernels' argument structs share: weight values, x2 [B, ldx], y [B, N], the
 // bias (may be absent) and B, N, K.
 template <typename Args>

@@ -11,18 +11,9 @@ template <typename Args>
 Args block_args(sp_emu::Buffers& bufs, const sp_emu_buf& x, int64_t ldx, const sp_emu_buf& values,
                 const sp_emu_buf& crow, const sp_emu_buf& col, int64_t B, int64_t N, int64_t K, int64_t nnzb,
                 int64_t bh, int64_t bw, const sp_emu_buf& bias, const sp_emu_buf& y) {
-  Args a{};
-  a.values = bufs.in(values);
+  auto a = sp_emu::common_args<Args>(bufs, x, ldx, values, bias, y, B, N, K);
   a.crow = static_cast<const int32_t*>(bufs.in(crow));
   a.col = static_cast<const int32_t*>(bufs.in(col));
-  a.x = bufs.in(x);
-  a.ldx = ldx;
-  a.y = bufs.in(y);
-  a.ldy = N;
-  a.bias = bufs.in(bias);
-  a.B = int(B);
-  a.N = int(N);
-  a.K = int(K);
   a.bh = int(bh);
   a.bw = int(bw);
   a.nnzb = int(nnzb);

@@ -713,6 +713,23 @@ void compute_ldmatrix(Warp& w, const Cta& c) {
   (void)c;
 }
 
+// D = A B + C for a 16 x K A and K x 8 B given as dense matrices: C and D in the accumulator layout (c_i / d_i of
+// lane (g, t) at row g + 8 (i >> 1), column 2t + (i & 1)); products summed in double, rounded to fp32 once.
+template <int K>
+void multiply_accumulate(Warp& w, const double (&A)[16][K], const double (&Bm)[K][8]) {
+  double D[16][8];
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) D[(lane >> 2) + 8 * (i >> 1)][2 * (lane & 3) + (i & 1)] = w.c[lane][i];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 8; ++n) {
+      double s = 0;
+      for (int k = 0; k < K; ++k) s += A[m][k] * Bm[k][n];
+      D[m][n] += s;
+    }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) w.out_d[lane][i] = float(D[(lane >> 2) + 8 * (i >> 1)][2 * (lane & 3) + (i & 1)]);
+}
+
 void compute_mma_sp(Warp& w) {
   int idx[16][8][2];
   for (int lane = 0; lane < 32; ++lane) {
@@ -738,7 +755,7 @@ void compute_mma_sp(Warp& w) {
         idx[row][chunk][1] = i1;
       }
   }
-  double A[16][32] = {}, Bm[32][8], D[16][8];
+  double A[16][32] = {}, Bm[32][8];
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane >> 2, t = lane & 3;
     for (int r = 0; r < 4; ++r)
@@ -747,20 +764,12 @@ void compute_mma_sp(Warp& w) {
         A[row][4 * chunk + idx[row][chunk][hh]] = elem(w.type, uint16_t(w.a[lane][r] >> (16 * hh)));
         Bm[2 * t + hh + 8 * r][g] = elem(w.type, uint16_t(w.b[lane][r] >> (16 * hh)));
       }
-    for (int i = 0; i < 4; ++i) D[g + 8 * (i >> 1)][2 * t + (i & 1)] = w.c[lane][i];
   }
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 8; ++n) {
-      double s = 0;
-      for (int k = 0; k < 32; ++k) s += A[m][k] * Bm[k][n];
-      D[m][n] += s;
-    }
-  for (int lane = 0; lane < 32; ++lane)
-    for (int i = 0; i < 4; ++i) w.out_d[lane][i] = float(D[(lane >> 2) + 8 * (i >> 1)][2 * (lane & 3) + (i & 1)]);
+  multiply_accumulate(w, A, Bm);
 }
 
 void compute_mma_dense(Warp& w) {
-  double A[16][16], Bm[16][8], D[16][8];
+  double A[16][16], Bm[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane >> 2, t = lane & 3;
     for (int r = 0; r < 4; ++r)
@@ -768,16 +777,8 @@ void compute_mma_dense(Warp& w) {
         A[g + 8 * (r & 1)][2 * t + hh + 8 * (r >> 1)] = elem(w.type, uint16_t(w.a[lane][r] >> (16 * hh)));
     for (int r = 0; r < 2; ++r)
       for (int hh = 0; hh < 2; ++hh) Bm[2 * t + hh + 8 * r][g] = elem(w.type, uint16_t(w.b[lane][r] >> (16 * hh)));
-    for (int i = 0; i < 4; ++i) D[g + 8 * (i >> 1)][2 * t + (i & 1)] = w.c[lane][i];
   }
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 8; ++n) {
-      double s = 0;
-      for (int k = 0; k < 16; ++k) s += A[m][k] * Bm[k][n];
-      D[m][n] += s;
-    }
-  for (int lane = 0; lane < 32; ++lane)
-    for (int i = 0; i < 4; ++i) w.out_d[lane][i] = float(D[(lane >> 2) + 8 * (i >> 1)][2 * (lane & 3) + (i & 1)]);
+  multiply_accumulate(w, A, Bm);
 }
 
 // Every lane of the warp deposits its operands at the same call site; the 32nd computes, and releases the rest.

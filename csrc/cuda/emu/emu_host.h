@@ -96,6 +96,23 @@ inline void fill_plan(sp_emu_plan* out, const sparseprune::cuda::LaunchPlan& p) 
 // After a launch: the CUDA error (with the emulator's diagnosis) or a canary violation, else "".
 std::string launch_outcome(int err_code, const Buffers& bufs);
 
+// The fields every kernel's argument struct shares (set_common_args in torch_cuda_utils.h), from guarded copies.
+template <typename Args>
+Args common_args(Buffers& bufs, const sp_emu_buf& x, int64_t ldx, const sp_emu_buf& values, const sp_emu_buf& bias,
+                 const sp_emu_buf& y, int64_t B, int64_t N, int64_t K) {
+  Args a{};
+  a.values = bufs.in(values);
+  a.x = bufs.in(x);
+  a.ldx = ldx;
+  a.y = bufs.in(y);
+  a.ldy = N;
+  a.bias = bufs.in(bias);
+  a.B = int(B);
+  a.N = int(N);
+  a.K = int(K);
+  return a;
+}
+
 // The body of every *_linear entry point, in the .cu's order: plan (on the emulated device), nothing to launch for
 // an empty output (LinearIO::empty), refuse what the planner refuses, fill the kernel arguments from guarded copies
 // (fill(bufs) -> Args with y inside), refuse misaligned operands (args_error), allocate the split-K workspace

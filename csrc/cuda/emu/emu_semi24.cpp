@@ -12,17 +12,8 @@ extern "C" int sp_emu_semi24_linear(int dtype, const sp_emu_device* dev, sp_emu_
     sp_emu::set_device(*dev);
     sp_emu::reset_ctas_run();
     auto fill = [&](sp_emu::Buffers& bufs) {
-      Semi24Args a{};
-      a.values = bufs.in(values);
+      auto a = sp_emu::common_args<Semi24Args>(bufs, x, ldx, values, bias, y, B, N, K);
       a.meta = static_cast<const uint32_t*>(bufs.in(meta));
-      a.x = bufs.in(x);
-      a.ldx = ldx;
-      a.y = bufs.in(y);
-      a.ldy = N;
-      a.bias = bufs.in(bias);
-      a.B = int(B);
-      a.N = int(N);
-      a.K = int(K);
       a.MT = int((N + kTileM - 1) / kTileM);
       a.KS = int((K + kTileK - 1) / kTileK);
       return a;
