@@ -4,12 +4,16 @@
 PYTHON ?= python3
 OUT ?= benchmarks/results/local
 
-.PHONY: setup test bench bench-quick bench-accuracy
+.PHONY: setup emu test bench bench-quick bench-accuracy
 
 setup:
 	PYTHON=$(PYTHON) bash tools/setup.sh
 
-test: setup
+# the CPU emulator of the CUDA kernels (test-only, build/cuda_emu; csrc/cuda/emu/README.md)
+emu:
+	$(PYTHON) -m tests.cuda_emu
+
+test: setup emu
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 bench: setup

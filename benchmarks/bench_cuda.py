@@ -31,6 +31,10 @@ import os
 
 import torch
 
+import sparseprune.cuda as c
+from sparseprune.formats import BlockSparseWeight, HybridWeight
+from sparseprune.prune.masks import keep_top, nm_mask
+
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 BATCHES = [1, 4, 16, 64, 256, 2048, 4096, 8192]
 
@@ -50,6 +54,21 @@ def _cslt(w, dtype):
         return None
 
 
+def build_weights(n: int, k: int, dtype, device="cuda") -> dict:
+    """The operands every kernel of this benchmark takes, for one N x K layer: 2:4 (packed for mma.sp), BSR 64x64 at
+    90% block sparsity, hybrid 64x64 at 87.5% (25% of blocks kept, 2:4 inside). Masks come from the library's own
+    mask makers on random scores (benchmarks run as scripts and never import the tests package)."""
+    w = (torch.randn(n, k, device=device) * nm_mask(torch.rand(n, k, device=device), 2, 4)).to(dtype)
+    v, m = c.pack_semi24_sm80(w)
+    blocks = (n // 64, k // 64)
+    bsr = BlockSparseWeight.from_dense(torch.randn(n, k).to(dtype), (64, 64), keep_top(torch.rand(blocks), 0.9))
+    hyb = HybridWeight.from_dense(w.cpu(), (64, 64), keep_top(torch.rand(blocks), 0.75))
+    hv, hm = c.pack_hybrid_sm80(hyb)
+    to = lambda *ts: tuple(t.to(device) for t in ts)
+    return dict(dense=w, semi24=(v, m), bsr=to(bsr.values, bsr.crow, bsr.col),
+                hybrid=to(hv, hm, hyb.crow, hyb.col))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
@@ -58,28 +77,19 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_cuda.py needs a CUDA GPU")
-    import sparseprune.cuda as c
-    from sparseprune.formats import BlockSparseWeight, HybridWeight
-    from tests.helpers import random_24_mask, random_block_mask
-
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     dev = torch.cuda.get_device_name()
     rows = []
     for n, k in SHAPES:
-        w = (torch.randn(n, k, device="cuda") * random_24_mask(n, k, "cuda")).to(dtype)
-        v, m = c.pack_semi24_sm80(w)
+        ws = build_weights(n, k, dtype)
+        w, (v, m) = ws["dense"], ws["semi24"]
+        bv, bc, bcol = ws["bsr"]
+        hv, hm, hc, hcol = ws["hybrid"]
         cslt = _cslt(w, dtype)
-        wb = torch.randn(n, k).to(dtype)
-        bsr = BlockSparseWeight.from_dense(wb, (64, 64), random_block_mask(n, k, (64, 64), 0.1))
-        bv, bc, bcol = bsr.values.cuda(), bsr.crow.cuda(), bsr.col.cuda()
-        # hybrid 87.5%: keep 25% of the 64x64 blocks, 2:4 inside them
-        hyb = HybridWeight.from_dense(w.cpu(), (64, 64), random_block_mask(n, k, (64, 64), 0.25))
-        hv, hm = c.pack_hybrid_sm80(hyb)
-        hv, hm, hc, hcol = hv.cuda(), hm.cuda(), hyb.crow.cuda(), hyb.col.cuda()
         for b in map(int, args.batches.split(",")):
             x = torch.randn(b, k, device="cuda").to(dtype)
             t_dense = _bench(lambda: torch.nn.functional.linear(x, w))
-            t_semi = _bench(lambda: c.cuda_semi24_linear(x, v, m, n))
+            t_semi = _bench(lambda: c.cuda_semi24_linear(x, v, m, k, n))
             t_cslt = _bench(lambda: cslt(x)) if cslt else float("nan")
             t_bsr = _bench(lambda: c.cuda_bsr_linear(x, bv, bc, bcol, k))
             t_hyb = _bench(lambda: c.cuda_hybrid_linear(x, hv, hm, hc, hcol, k))

@@ -18,7 +18,9 @@ TORCH_LIBRARY(sparseprune, m) {
   // CUDA backend (csrc/cuda): 2:4 weight re-packed into mma.sp fragment order (sparseprune/cuda_layout.py):
   // values [ceil(N/16), ceil(K/32), 32, 8], meta [ceil(N/16), ceil(K/32), 16] int32.
   m.def("pack_semi24_sm80(Tensor dense_masked) -> (Tensor, Tensor)");
-  m.def("cuda_semi24_linear(Tensor x, Tensor values, Tensor meta, int out_features, Tensor? bias) -> Tensor");
+  m.def(
+      "cuda_semi24_linear(Tensor x, Tensor values, Tensor meta, int in_features, int out_features, Tensor? bias) "
+      "-> Tensor");
   // BSR in the canonical layout, run on dense tensor cores over the stored blocks only.
   m.def("cuda_bsr_linear(Tensor x, Tensor values, Tensor crow, Tensor col, int in_features, Tensor? bias) -> Tensor");
   m.def("cuda_hybrid_linear(Tensor x, Tensor values, Tensor meta, Tensor crow, Tensor col, int in_features, Tensor? bias) -> Tensor");

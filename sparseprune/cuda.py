@@ -35,14 +35,15 @@ def _(dense_masked):
     return dense_masked.new_empty((mt, ks, 32, 8)), dense_masked.new_empty((mt, ks, 16), dtype=torch.int32)
 
 
-def cuda_semi24_linear(x, values, meta, out_features: int, bias=None) -> torch.Tensor:
-    """x [..., K] -> [..., N] with W packed by :func:`pack_semi24_sm80`."""
-    return _OPS.cuda_semi24_linear.default(x, values, meta, out_features, bias)
+def cuda_semi24_linear(x, values, meta, in_features: int, out_features: int, bias=None) -> torch.Tensor:
+    """x [..., K] -> [..., N] with the N x K weight packed by :func:`pack_semi24_sm80`."""
+    return _OPS.cuda_semi24_linear.default(x, values, meta, in_features, out_features, bias)
 
 
 @torch.library.register_fake("sparseprune::cuda_semi24_linear")
-def _(x, values, meta, out_features, bias):
-    torch._check(values.dim() == 4 and values.shape[1] == (x.shape[-1] + 31) // 32,
+def _(x, values, meta, in_features, out_features, bias):
+    torch._check(x.shape[-1] == in_features, lambda: f"x has {x.shape[-1]} features, weight expects {in_features}")
+    torch._check(values.dim() == 4 and values.shape[1] == (in_features + 31) // 32,
                  lambda: "values must be pack_semi24_sm80 output for this in_features")
     torch._check(x.dtype == values.dtype, lambda: "x and values must share a dtype")
     return x.new_empty((*x.shape[:-1], out_features))
@@ -147,7 +148,8 @@ class CudaBackend(Backend):
         if module.kind == "semi24":
             if getattr(module, "cuda_values", None) is None or module.cuda_values.device != x.device:
                 self.prepare(module)
-            return cuda_semi24_linear(x, module.cuda_values, module.cuda_meta, module.out_features, module.bias)
+            return cuda_semi24_linear(x, module.cuda_values, module.cuda_meta, module.in_features, module.out_features,
+                                      module.bias)
         if module.kind == "bsr":
             return cuda_bsr_linear(x, module.values, module.crow, module.col, module.in_features, module.bias)
         if module.kind == "hybrid":

@@ -1,4 +1,10 @@
-"""CUDA backend kernels on a GPU, against the plain-torch references (skipped cleanly without CUDA)."""
+"""CUDA backend kernels on a GPU, against the plain-torch references (skipped cleanly without CUDA).
+
+benchmarks/gpu_suite.sh sets SPARSEPRUNE_REQUIRE_CUDA=1: there a GPU machine without a usable CUDA backend fails
+these tests instead of skipping them, and it runs test_sanitizer_run under compute-sanitizer.
+"""
+
+import os
 
 import pytest
 import torch
@@ -20,6 +26,8 @@ def _cuda():
 
     why = c.CudaBackend().unavailable_reason(torch.device("cuda"))
     if why:
+        if os.environ.get("SPARSEPRUNE_REQUIRE_CUDA") == "1":
+            pytest.fail(why)
         pytest.skip(why)
     return c
 
@@ -38,7 +46,7 @@ def test_semi24_matches_reference(n, k, dtype):
     for b in BATCHES:
         x = torch.randn(b, k, device="cuda").to(dtype)
         bias = torch.randn(n, device="cuda").to(dtype) if b % 2 else None
-        y = c.cuda_semi24_linear(x, v, m, n, bias)
+        y = c.cuda_semi24_linear(x, v, m, k, n, bias)
         assert_matches_reference(y.cpu(), x.cpu(), w.float().cpu(), None if bias is None else bias.cpu())
 
 
@@ -118,9 +126,16 @@ def test_refusals_name_what_is_missing():
     w = _semi(32, 64, torch.float16)
     v, m = c.pack_semi24_sm80(w)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
-        c.cuda_semi24_linear(torch.randn(2, 64, device="cuda"), v, m, 32)
+        c.cuda_semi24_linear(torch.randn(2, 64, device="cuda"), v, m, 64, 32)
     with pytest.raises(RuntimeError, match="values must be"):
-        c.cuda_semi24_linear(torch.randn(2, 128, device="cuda").half(), v, m, 32)
+        c.cuda_semi24_linear(torch.randn(2, 128, device="cuda").half(), v, m, 128, 32)
+    # in_features is checked, not just ceil(K/32): 60 and 64 features pack to the same 2 tiles of 32
+    with pytest.raises(RuntimeError, match="x has 60 features, the weight expects 64"):
+        c.cuda_semi24_linear(torch.randn(2, 60, device="cuda").half(), v, m, 64, 32)
+    # cp.async sources must be 16-byte aligned: a view at an odd offset is refused, not read misaligned
+    v_odd = torch.empty(v.numel() + 1, device="cuda", dtype=v.dtype)[1:].view_as(v).copy_(v)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        c.cuda_semi24_linear(torch.randn(2, 64, device="cuda").half(), v_odd, m, 64, 32)
     s = Semi24Weight.from_dense(torch.randn(32, 64) * random_24_mask(32, 64))
     assert "dtype" in c.CudaBackend().unsupported_reason(s, torch.device("cuda"))
     p = BlockSparseWeight.from_dense(torch.randn(32, 64).half(), (8, 8))
@@ -166,7 +181,7 @@ def test_opcheck():
     w = _semi(64, 128, torch.float16)
     v, m = c.pack_semi24_sm80(w)
     x = torch.randn(4, 128, device="cuda").half()
-    torch.library.opcheck(torch.ops.sparseprune.cuda_semi24_linear.default, (x, v, m, 64, None))
+    torch.library.opcheck(torch.ops.sparseprune.cuda_semi24_linear.default, (x, v, m, 128, 64, None))
     p = BlockSparseWeight.from_dense(torch.randn(64, 128).half(), (32, 32))
     torch.library.opcheck(torch.ops.sparseprune.cuda_bsr_linear.default,
                           (x, p.values.cuda(), p.crow.cuda(), p.col.cuda(), 128, None))
@@ -174,3 +189,27 @@ def test_opcheck():
     hv, hm = c.pack_hybrid_sm80(h)
     torch.library.opcheck(torch.ops.sparseprune.cuda_hybrid_linear.default,
                           (x, hv.cuda(), hm.cuda(), h.crow.cuda(), h.col.cuda(), 128, None))
+
+
+def test_sanitizer_run():
+    # the short run benchmarks/gpu_suite.sh puts under compute-sanitizer memcheck and racecheck: every kernel family
+    # with split-K (decode on a long K) and without (a batch whose CTAs fill the GPU), and the GPU packer
+    c = _cuda()
+    dt = torch.float16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for b, n, k in ((3, 256, 2048), (64 * sms, 64, 64)):
+        w = _semi(n, k, dt)
+        v, m = c.pack_semi24_sm80(w)
+        x = torch.randn(b, k, device="cuda").to(dt)
+        assert_matches_reference(c.cuda_semi24_linear(x, v, m, k, n).cpu(), x.cpu(), w.float().cpu())
+    for kind in ("bsr", "hybrid"):
+        for b, n, k, density in ((2, 128, 2048, 1.0), (16 * sms, 64, 128, 0.5)):
+            p, wd = random_weight(kind, n, k, dt, block=(64, 64), density=density)
+            x = torch.randn(b, k).to(dt)
+            if kind == "bsr":
+                y = c.cuda_bsr_linear(x.cuda(), p.values.cuda(), p.crow.cuda(), p.col.cuda(), k)
+            else:
+                hv, hm = c.pack_hybrid_sm80(p)
+                y = c.cuda_hybrid_linear(x.cuda(), hv.cuda(), hm.cuda(), p.crow.cuda(), p.col.cuda(), k)
+            assert_matches_reference(y.cpu(), x, wd)
+    torch.cuda.synchronize()

@@ -32,9 +32,15 @@ at::Tensor cuda_bsr_linear(const at::Tensor& x, const at::Tensor& values, const 
   a.bh = int(bh);
   a.bw = int(bw);
   a.nnzb = int(nnzb);
+  if (const char* why = bsr_args_error(a)) TORCH_CHECK(false, op, ": ", why);
+  const DeviceLimits dev = device_limits(x.get_device());
+  const LaunchPlan plan = plan_bsr(a.B, N, bh, bw, nnzb, dev);
+  const at::Tensor ws = splitk_workspace(plan, x, op);
+  float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  const cudaError_t err = x.scalar_type() == at::kHalf ? launch_bsr_sm80<__half>(a, stream)
-                                                       : launch_bsr_sm80<__nv_bfloat16>(a, stream);
+  const cudaError_t err = x.scalar_type() == at::kHalf
+                              ? launch_bsr_sm80<__half>(a, plan, wsp, dev.num_sms, stream)
+                              : launch_bsr_sm80<__nv_bfloat16>(a, plan, wsp, dev.num_sms, stream);
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
   return io.y;
 }

@@ -1,20 +1,41 @@
 // PTX wrappers, epilogues and launch helpers shared by the CUDA kernels (torch-free). sm_80+: cp.async,
 // ldmatrix, mma.sync, mma.sp.
+//
+// Built two ways: by nvcc for the GPU, and as plain host C++ with SP_CUDA_EMU defined for the SIMT emulator in
+// csrc/cuda/emu (tests only). The kernels are the same source either way; the emulator replaces exactly the
+// device primitives in the one #if below (the PTX wrappers, the dynamic shared array, kernel launches) and,
+// in emu/emu_runtime.h, the CUDA built-ins (threadIdx & co., __syncthreads, atomicExch, half types).
 #pragma once
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "launch_plan.cuh"
+
+#if defined(SP_CUDA_EMU)
+#include "emu/emu_runtime.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-
-#include <cstdint>
-#include <type_traits>
+#endif
 
 namespace sparseprune::cuda {
+
+#if defined(SP_CUDA_EMU)
+// Host implementations of the wrappers below (warp-collective, checked): emu/emu_primitives.h.
+#include "emu/emu_primitives.h"
+#define SP_DYNAMIC_SMEM(name) unsigned char* const name = ::sp_emu::dynamic_smem()
+#else
+// The CTA's dynamic shared memory (size given at launch).
+#define SP_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 // 16-byte global->shared copy that bypasses L1 (.cg); pred=false writes 16 zero bytes instead of reading.
+// Both addresses must be 16-byte aligned.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
                "r"(pred ? 16 : 0));
@@ -69,6 +90,15 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+
+// Host side: launches kern on grid x block with smem bytes of dynamic shared memory. Returns the launch error.
+template <typename... P, typename... A>
+inline cudaError_t launch_kernel(void (*kern)(P...), dim3 grid, dim3 block, int smem, cudaStream_t stream,
+                                 const A&... args) {
+  kern<<<grid, block, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif  // SP_CUDA_EMU
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v) {
@@ -173,6 +203,20 @@ __device__ __forceinline__ void store_cta_acc_staged(const float (&acc)[MI][NI][
                                                p.N, p.B, static_cast<T*>(p.y), p.ldy, static_cast<const T*>(p.bias));
 }
 
+// The CTA's result: with split-K (p.partial set) this split's fp32 partials [split][B][N] straight from the fragments
+// (splitk_reduce_kernel adds them up with the bias), else the bias-added output through store_cta_acc_staged.
+// Called by all threads of the CTA after the last cp.async has landed.
+template <typename T, int BM, int BN, int WARPS_N, int THREADS, int MI, int NI, typename Args>
+__device__ __forceinline__ void store_cta_result(const float (&acc)[MI][NI][4], unsigned char* smem, int warp_m,
+                                                 int warp_n, int tid, int row0, int tok0, int split, const Args& p) {
+  if (p.partial) {
+    store_acc<T, MI, NI>(acc, row0 + warp_m * MI * 16, tok0 + warp_n * (BN / WARPS_N), tid & 31, p.N, p.B, nullptr,
+                         0, nullptr, p.partial + int64_t(split) * p.B * p.N);
+  } else {
+    store_cta_acc_staged<T, BM, BN, WARPS_N, THREADS>(acc, smem, warp_m, warp_n, tid, row0, tok0, p);
+  }
+}
+
 // Host side: raises kern's dynamic shared-memory limit to smem_bytes (needed above 48 KB), then launches it
 // on grid x threads with that much shared memory. Returns the first CUDA error.
 template <typename Args>
@@ -180,8 +224,7 @@ inline cudaError_t launch_with_smem(void (*kern)(const Args), dim3 grid, int thr
                                     cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (err != cudaSuccess) return err;
-  kern<<<grid, threads, smem_bytes, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel(kern, grid, dim3(threads), smem_bytes, stream, a);
 }
 
 // y[b][n] = sum over splits of partial[s][b][n] (+ bias): the split-K reduction.
@@ -194,5 +237,40 @@ __global__ void splitk_reduce_kernel(const float* __restrict__ partial, int spli
     y[i] = from_float<T>(v);
   }
 }
+
+// Launches splitk_reduce_kernel over B x N outputs: 256 threads per CTA, grid-stride, at most 4 CTAs per SM.
+template <typename T>
+inline cudaError_t launch_splitk_reduce(const float* partial, int splits, int B, int N, const void* bias, void* y,
+                                        int num_sms, cudaStream_t stream) {
+  const int64_t n = int64_t(B) * N;
+  const int blocks = int(std::min<int64_t>((n + 255) / 256, 4 * int64_t(num_sms)));
+  return launch_kernel(splitk_reduce_kernel<T>, dim3(blocks), dim3(256), 0, stream, partial, splits, n, N,
+                       static_cast<const T*>(bias), static_cast<T*>(y));
+}
+
+// Launches kern as plan says (grid.x = M blocks x token blocks, grid.y = K splits, the config's threads and shared
+// memory), then, when K is split, the reduction of the fp32 partials in a.partial into a.y (+ bias).
+template <typename T, typename Args>
+inline cudaError_t launch_planned(void (*kern)(const Args), const Args& a, const LaunchPlan& plan, int num_sms,
+                                  cudaStream_t stream) {
+  cudaError_t err = launch_with_smem(kern, dim3(unsigned(plan.grid_x()), unsigned(plan.splits)), plan.tile.threads(),
+                                     plan.tile.smem_bytes, a, stream);
+  if (err != cudaSuccess || plan.splits == 1) return err;
+  return launch_splitk_reduce<T>(a.partial, plan.splits, a.B, a.N, a.bias, a.y, num_sms, stream);
+}
+
+// Calls launch(std::integral_constant<int, I>) for I == config, one of 0..N-1: turns the planner's runtime
+// config index into the kernel template instantiation of that config.
+template <size_t N, typename Launch>
+inline cudaError_t dispatch_config(int config, Launch&& launch) {
+  return [&]<size_t... I>(std::index_sequence<I...>) {
+    cudaError_t r = cudaErrorInvalidValue;
+    ((config == int(I) ? (r = launch(std::integral_constant<int, int(I)>{}), 0) : 0), ...);
+    return r;
+  }(std::make_index_sequence<N>{});
+}
+
+// cp.async reads 16-byte chunks: a pointer it reads from must be 16-byte aligned.
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace sparseprune::cuda

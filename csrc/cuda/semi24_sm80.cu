@@ -8,13 +8,17 @@
 namespace sparseprune::cuda {
 
 at::Tensor cuda_semi24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                              int64_t out_features, const std::optional<at::Tensor>& bias) {
+                              int64_t in_features, int64_t out_features, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "sparseprune::cuda_semi24_linear";
   check_linear_inputs(x, values, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t K = x.size(-1), N = out_features;
+  const int64_t K = in_features, N = out_features;
   const int64_t MT = (N + 15) / 16, KS = (K + 31) / 32;
+  // the packed layout only records ceil(K/32): without this check an x with up to 31 more features would be
+  // accepted and its extra inputs silently multiplied by the zero padding
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weight expects ", K);
   TORCH_CHECK(K % 4 == 0, op, ": in_features=", K, " must be a multiple of 4");
+  TORCH_CHECK(N >= 0, op, ": out_features must be >= 0, got ", N);
   TORCH_CHECK(values.dim() == 4 && values.size(0) == MT && values.size(1) == KS && values.size(2) == 32 &&
                   values.size(3) == 8 && values.is_contiguous(),
               op, ": values must be contiguous [", MT, ", ", KS, ", 32, 8] (pack_semi24_sm80 of a ", N, "x", K,
@@ -30,15 +34,15 @@ at::Tensor cuda_semi24_linear(const at::Tensor& x, const at::Tensor& values, con
   a.meta = reinterpret_cast<const uint32_t*>(meta.data_ptr<int32_t>());
   a.MT = int(MT);
   a.KS = int(KS);
-  const int64_t ws_floats = semi24_workspace_floats(a.B, a.N);
-  at::Tensor ws;
-  if (ws_floats) ws = at::empty({ws_floats}, x.options().dtype(at::kFloat));  // caching allocator: graph-safe
+  if (const char* why = semi24_args_error(a)) TORCH_CHECK(false, op, ": ", why);
+  const DeviceLimits dev = device_limits(x.get_device());
+  const LaunchPlan plan = plan_semi24(a.B, N, K, dev);
+  const at::Tensor ws = splitk_workspace(plan, x, op);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  const int sms = device_props(x.get_device()).multiProcessorCount;
   float* wsp = ws.defined() ? ws.data_ptr<float>() : nullptr;
   const cudaError_t err = x.scalar_type() == at::kHalf
-                              ? launch_semi24_sm80<__half>(a, sms, stream, wsp, ws_floats)
-                              : launch_semi24_sm80<__nv_bfloat16>(a, sms, stream, wsp, ws_floats);
+                              ? launch_semi24_sm80<__half>(a, plan, wsp, dev.num_sms, stream)
+                              : launch_semi24_sm80<__nv_bfloat16>(a, plan, wsp, dev.num_sms, stream);
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
   return io.y;
 }
@@ -55,13 +59,15 @@ std::tuple<at::Tensor, at::Tensor> pack_semi24_sm80_cuda(const at::Tensor& dense
   auto values = at::empty({MT, KS, 32, 8}, dense.options());
   auto meta = at::zeros({MT, KS, 16}, dense.options().dtype(at::kInt));
   auto bad = at::zeros({1}, dense.options().dtype(at::kInt));
-  const int64_t threads = MT * KS * 32;
-  if (threads > 0) {
+  if (MT * KS > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream(dense.get_device()).stream();
-    pack_semi24_sm80_kernel<<<(threads + 255) / 256, 256, 0, stream>>>(
-        reinterpret_cast<const uint16_t*>(w.data_ptr()), N, K, MT, KS, reinterpret_cast<uint16_t*>(values.data_ptr()),
-        reinterpret_cast<uint32_t*>(meta.data_ptr<int32_t>()), bad.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto* mp = reinterpret_cast<uint32_t*>(meta.data_ptr<int32_t>());
+    const cudaError_t err =
+        dense.scalar_type() == at::kHalf
+            ? launch_pack_semi24_sm80<__half>(w.data_ptr(), N, K, values.data_ptr(), mp, bad.data_ptr<int>(), stream)
+            : launch_pack_semi24_sm80<__nv_bfloat16>(w.data_ptr(), N, K, values.data_ptr(), mp, bad.data_ptr<int>(),
+                                                      stream);
+    TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
     // packing is offline (module prepare), so a sync to report a bad weight is fine
     TORCH_CHECK(bad.item<int>() == 0, op, ": weight is not 2:4: some group of 4 inputs keeps more than 2 nonzeros");
   }

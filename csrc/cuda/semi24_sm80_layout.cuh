@@ -1,6 +1,6 @@
 // Packed layout of Semi24 weights for mma.sp.m16n8k32 (fp16/bf16) on sm_80+. Torch-free and
 // __host__ __device__: the CPU packer (csrc/cpu/pack_sm80.cpp) and the GPU packer
-// (csrc/cuda/pack_sm80.cu) both call pack_sm80_lane(), so they agree bit for bit by construction;
+// (pack_semi24_sm80_kernel in csrc/cuda/semi24_sm80.cuh) both call pack_sm80_lane(), so they agree bit for bit;
 // tests/test_cuda_layout.py checks the result against the PTX-ISA emulation in sparseprune/cuda_layout.py.
 //
 //   values [Np/16][Kp/32][32 lanes][8]   lane l's A fragment a0..a7 for tile (m, ks): one 16-byte load

@@ -10,19 +10,26 @@
 #include <optional>
 #include <vector>
 
+#include "cuda/launch_plan.cuh"
+
 namespace sparseprune::cuda {
 
-// The kernels use cp.async, ldmatrix and mma.sp: compute capability 8.0 or newer.
+// Properties of a device, queried once per device and shared by every thread (ops run concurrently from several
+// host threads; PerDeviceCache fills each entry exactly once).
 inline const cudaDeviceProp& device_props(int device) {
-  static cudaDeviceProp props[64];
-  static bool filled[64] = {};
-  TORCH_CHECK(device >= 0 && device < 64, "sparseprune: CUDA device index ", device, " out of range");
-  if (!filled[device]) {
-    C10_CUDA_CHECK(cudaGetDeviceProperties(&props[device], device));
-    filled[device] = true;
-  }
-  return props[device];
+  static PerDeviceCache<cudaDeviceProp> cache;
+  TORCH_CHECK(device >= 0 && device < cache.max_devices(), "sparseprune: CUDA device index ", device, " out of range");
+  return cache.get(device, [](int d, cudaDeviceProp& p) { C10_CUDA_CHECK(cudaGetDeviceProperties(&p, d)); });
 }
+
+// What the launch planners need: SM count and the opt-in shared memory per block, which decides the tile config
+// (sm_86/sm_89 allow 101,376 B, less than the largest Semi24 config uses).
+inline DeviceLimits device_limits(int device) {
+  const auto& p = device_props(device);
+  return DeviceLimits{p.multiProcessorCount, int(p.sharedMemPerBlockOptin)};
+}
+
+// The kernels use cp.async, ldmatrix and mma.sp: compute capability 8.0 or newer.
 
 inline void check_sm80(const at::Tensor& x, const char* op) {
   const auto& p = device_props(x.get_device());
@@ -106,6 +113,13 @@ inline LinearIO prepare_io(const at::Tensor& x, const std::optional<at::Tensor>&
   TORCH_CHECK(io.x2.size(0) < (int64_t(1) << 31), op, ": batch too large");  // the kernels index tokens in int
   if (!io.empty()) io.bias = checked_bias(bias, x, N, op);
   return io;
+}
+
+// fp32 split-K partials for plan (on x's device), only when the plan splits K; undefined otherwise. The caching
+// allocator makes this cheap, and private to a captured CUDA graph.
+inline at::Tensor splitk_workspace(const LaunchPlan& plan, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(!plan.error, op, ": ", plan.error);
+  return plan.workspace_floats ? at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat)) : at::Tensor();
 }
 
 // Fills the fields the kernels' argument structs share: weight values, x2 [B, ldx], y [B, N], the
