@@ -65,11 +65,18 @@ def main(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--budget", type=float, default=0.6, help="seconds of timing per (shape, batch)")
+    ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {[s[0] for s in SHAPES]}")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<machine label>/")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     shapes = SHAPES[:1] if args.quick else SHAPES
-    batches = [1, 8, 64, 512] if args.quick else BATCHES
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        shapes = [s for s in SHAPES if s[0] in wanted]
+        if len(shapes) != len(wanted):
+            ap.error(f"unknown shape in {wanted}; known: {[s[0] for s in SHAPES]}")
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [1, 8, 64, 512] if args.quick else BATCHES
     out_dir = args.out or machine.default_results_dir(device, RESULTS)
     meta = machine.run_metadata(device, dtype=args.dtype, weights="hot")
     print(machine.describe(meta), flush=True)

@@ -84,7 +84,7 @@ def bench_pair(dense_fn, sparse_fn, x, rounds, target_s=0.005):
     return statistics.median(d_ms), statistics.median(s_ms), statistics.median(ratios), min(d_ms), min(s_ms)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
@@ -95,7 +95,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--csv", default=None, help="default benchmarks/results/<machine label>/cpu_kernels.csv")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",") if b]

@@ -193,6 +193,8 @@ def build_variants(case: Case, w: torch.Tensor, backends: list[str], with_auto: 
             if b != "auto" and _backends.get_backend(b).unsupported_reason(packed, w.device) is not None:
                 continue
             mod = SparseLinear(packed, None, backend=b)
+            if out:  # each variant its own tensors, or a cold round would read one of them hot
+                mod = _clone_module(mod)
             out.append(Variant(b, "ours" if b != "auto" else "auto", [mod]))
         return out, wm
     try:
