@@ -31,7 +31,7 @@ def _add_speed_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--backends", default=None, type=_csv,
                    help="backends for the 'ours' rows, named explicitly (default: cpu on CPU; cuda,triton on CUDA)")
     g.add_argument("--auto-cases", default=None, type=_csv,
-                   help="cases that also get a backend='auto' row (default 2:4, block32 90%%, hybrid 87.5%%; "
+                   help="cases that also get a backend='auto' row (default 2:4, hybrid 87.5%%; "
                         "'none' for no auto rows)")
     g.add_argument("--shapes", default=None, type=_csv, help="shape labels or NxK (out x in), comma-separated")
     g.add_argument("--cases", default=None, type=_csv,
