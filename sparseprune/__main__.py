@@ -22,12 +22,19 @@ def _ints(text: str) -> list[int]:
     return [int(s) for s in _csv(text)]
 
 
+def _weights(text: str) -> list[str]:
+    modes = _csv(text)
+    if not modes or any(m not in ("hot", "cold") for m in modes):
+        raise argparse.ArgumentTypeError(f"expected hot, cold or hot,cold, got {text!r}")
+    return modes
+
+
 def _add_speed_options(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("speed (the default mode)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default fp32 on CPU, fp16 on CUDA")
-    g.add_argument("--weights", default="hot,cold", type=_csv,
+    g.add_argument("--weights", default="hot,cold", type=_weights,
                    help="hot (one weight, called again and again), cold (rotate through distinct copies so every "
-                        "call streams its weight from memory), or both (default hot,cold)")
+                        "call streams its weight from memory), or hot,cold (the default)")
     g.add_argument("--backends", default=None, type=_csv,
                    help="backends for the 'ours' rows, named explicitly (default: cpu on CPU; cuda,triton on CUDA)")
     g.add_argument("--auto-cases", default=None, type=_csv,

@@ -161,6 +161,13 @@ class Variant:
         y = self.call(i, x, xt)()
         return y.t() if self.impl.startswith("torch") else y
 
+    def copy_bytes(self) -> int:
+        """Bytes of one copy: everything its forward may read (auto: packed + any dense copy)."""
+        c = self.copies[0]
+        if isinstance(c, torch.nn.Module):
+            return sum(t.nbytes for t in list(c.buffers()) + list(c.parameters()))
+        return c.values().nbytes + c.crow_indices().nbytes + c.col_indices().nbytes  # BSR / CSR
+
     def used(self, batch: int) -> str:
         """The backend that ran this batch: for auto, the bucket's choice."""
         if self.impl != "auto":
@@ -169,10 +176,6 @@ class Variant:
         if mod.auto_plan:
             return mod.auto_plan.get(autotune.BUCKET_LABELS[autotune.bucket_of(batch)], mod.backend)
         return mod.backend
-
-
-def _module_bytes(mod: torch.nn.Module) -> int:
-    return sum(t.nbytes for t in list(mod.buffers()) + list(mod.parameters()))
 
 
 def _clone_module(mod: SparseLinear) -> SparseLinear:
@@ -206,15 +209,6 @@ def build_variants(case: Case, w: torch.Tensor, backends: list[str], with_auto: 
         return [], wm
     out.append(Variant("torch", case.impl, [ws]))
     return out, wm
-
-
-def _sizes(v: Variant) -> int:
-    c = v.copies[0]
-    if isinstance(c, torch.nn.Module):
-        return _module_bytes(c)
-    if c.layout == torch.sparse_bsr or c.layout == torch.sparse_csr:
-        return c.values().nbytes + c.crow_indices().nbytes + c.col_indices().nbytes
-    return c.nbytes
 
 
 def add_copies(v: Variant, n: int) -> None:
@@ -252,7 +246,7 @@ def prepare_case(case: Case, shape: str, w: torch.Tensor, dense: list, backends:
     x1 = torch.randn(1, w.shape[1], device=w.device, dtype=torch.float32).to(w.dtype)
     for v in variants:
         v.output(0, x1, x1.t().contiguous())
-        v.nbytes = _sizes(v)
+        v.nbytes = v.copy_bytes()
     prep = Prepared(case, shape, dense, variants, wm, 1)
     if cold:
         prep.copies, prep.note = cold_copies(prep.round_bytes, llc_bytes,
@@ -352,9 +346,13 @@ def run(out_dir: str | None = None, *, quick: bool = False, device: str = "cpu",
                     cold_notes.append(f"{shape_label} {case.label}: {prep.note}")
                 for b in all_batches:
                     modes = [m for m in weights if b in batch_for[m]]
-                    rows += [{**meta, **r} for r in measure_batch(prep, b, modes, budget)]
+                    got = measure_batch(prep, b, modes, budget)
+                    rows += [{**meta, **r} for r in got]
                     if bar is not None:
                         bar.update(len(modes))
+                    if not progress:  # a log line per configuration instead of the bar
+                        print(f"  [{time.perf_counter() - t0:6.0f} s] {shape_label} {case.label} b={b}: " + ", ".join(
+                            f"{r['weights']} {r['backend']} {r['speedup']:.2f}x" for r in got), flush=True)
                 del prep
             del dense, w
     if bar is not None:
