@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import time
 
 import pytest
 import torch
@@ -148,6 +149,20 @@ def test_rotation_calls_each_copy_in_turn():
     assert seen == [0, 1, 2, 0, 1, 2, 0] and len(rot) == 3
     with pytest.raises(ValueError):
         Rotation([])
+
+
+def test_compare_rounds():
+    from sparseprune.bench.timing import compare
+
+    # two 5 ms calls a round within a 50 ms budget: the budget allows <= 5 rounds, min_rounds gives 5
+    few = compare(lambda: time.sleep(0.005), {"a": lambda: time.sleep(0.005)}, "cpu", budget_s=0.05,
+                  min_rounds=5)["a"]
+    assert few["rounds"] == 5 and few["speedup"] > 0 and few["speedup_best"] > 0
+    calls = []
+    slow = compare(lambda: calls.append("d"), {"a": lambda: calls.append("a") or time.sleep(0.01)}, "cpu",
+                   budget_s=0.005, warmup=1)["a"]
+    assert slow["rounds"] == 3  # a round longer than the budget: 3 rounds, the sizing one included
+    assert calls == ["d", "a"] * 4  # one warm-up round, then 3 timed (interleaved) rounds
 
 
 def test_cold_copies_sizing():

@@ -57,14 +57,15 @@ def compare(baseline: Callable[[], object], candidates: dict[str, Callable[[], o
         for fn in fns.values():
             fn()
     _sync(device)
-    # a burst long enough to be measurable, sized from one warm call of the slowest function
+    # one warm round, in the same order as the timed ones, sizes the rest; on CPU (one call per
+    # sample) it also counts as the first round, which spares a call of every function on big layers
     one = {k: time_once(fn, device) for k, fn in fns.items()}
     slowest, round_s = max(one.values()), sum(one.values())
     inner = 1 if device.type == "cpu" else max(1, min(100, int(2e-3 / max(slowest, 1e-6))))
     floor = min(min_rounds, long_round_rounds) if round_s * inner > budget_s else min_rounds
     rounds = int(min(max_rounds, max(floor, budget_s / max(round_s * inner, 1e-6))))
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
+    samples: dict[str, list[float]] = {k: ([t] if inner == 1 else []) for k, t in one.items()}
+    for _ in range(rounds - len(samples["__base__"])):
         for k, fn in fns.items():
             samples[k].append(time_once(fn, device, inner))
     base = samples["__base__"]
