@@ -97,14 +97,15 @@ QUICK_CASES = ["2:4", "block32 90%", "hybrid 87.5%", "torch-bsr32 90%", "torch-c
 AUTO_CASES = ["2:4", "hybrid 87.5%"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Accepted error against an fp32 product of the same (rounded) inputs, as a fraction of the output's
-# largest magnitude: 4 roundings of the output dtype plus a floor. Loose enough for any summation
-# order; tight enough that a dropped block (~6% of that scale at 50% block sparsity, 4096 inputs),
-# a wrong 2:4 position or an unwritten (NaN-poisoned) output fails.
+# largest magnitude: two roundings of the output dtype plus a floor (bf16: 2.4%; our kernels were
+# seen at 0.2-0.4% on 4096x11008). Loose enough for any summation order; tight enough that a
+# dropped block (~6% of that scale at 50% block sparsity, 4096 inputs), a wrong 2:4 position or an
+# unwritten (NaN-poisoned) output fails.
 FLOOR = {torch.float32: 1e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    return 4 * torch.finfo(dtype).eps + FLOOR[dtype]
+    return 2 * torch.finfo(dtype).eps + FLOOR[dtype]
 
 
 def resolve_shapes(shapes) -> list[tuple[str, int, int]]:
