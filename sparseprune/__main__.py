@@ -60,7 +60,7 @@ def _speed(args, out) -> int:
               auto_cases=[] if args.auto_cases == ["none"] else args.auto_cases, budget_s=args.budget,
               llc_bytes=int(args.llc_mb * 2**20) if args.llc_mb else None,
               cold_max_bytes=int(args.cold_max_mb * 2**20) if args.cold_max_mb else None,
-              progress=not args.no_progress)
+              progress=not args.no_progress and sys.stderr.isatty())
     return 0
 
 
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a subset that finishes in about a minute on 2 CPU cores")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true",
+                   help="a log line per configuration instead of the progress bar (the default when stderr is "
+                        "not a terminal)")
     modes = b.add_mutually_exclusive_group()
     for name, (_, help_text) in MODES.items():
         modes.add_argument(f"--{name}", action="store_true", help=help_text)

@@ -333,7 +333,7 @@ def run(out_dir: str | None = None, *, quick: bool = False, device: str = "cpu",
     except ImportError:  # pragma: no cover
         tqdm = None
     total = len(shape_list) * len(case_list) * sum(len(batch_for[m]) for m in weights)
-    bar = tqdm(total=total, desc="sparseprune bench", disable=not progress, unit="cfg") if tqdm else None
+    bar = tqdm(total=total, desc="sparseprune bench", unit="cfg") if tqdm and progress else None
     with torch.inference_mode():
         for shape_label, n, k in shape_list:
             w = torch.randn(n, k, device=dev, dtype=torch.float32).to(dt)
@@ -354,7 +354,7 @@ def run(out_dir: str | None = None, *, quick: bool = False, device: str = "cpu",
                     rows += [{**meta, **r} for r in got]
                     if bar is not None:
                         bar.update(len(modes))
-                    if not progress:  # a log line per configuration instead of the bar
+                    if bar is None or not progress:  # a log line per configuration instead of the bar
                         print(f"  [{time.perf_counter() - t0:6.0f} s] {shape_label} {case.label} b={b}: " + ", ".join(
                             f"{r['weights']} {r['backend']} {r['speedup']:.2f}x" for r in got), flush=True)
                 del prep
