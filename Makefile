@@ -1,8 +1,11 @@
 # The two commands the README promises (both set everything up first):
-#   make bench   - the main job: `sparseprune bench` on this machine, results in benchmarks/results/local/
+#   make bench   - the main job: `sparseprune bench` on this machine, fp32 then bf16, hot and cold
+#                  weights; results in benchmarks/results/<machine label>/ (e.g. cpu-epyc-zen3-2core)
 #   make test    - the test suite (what CI runs via .ci/run)
+# OUT=<dir> writes the results there instead of the machine's folder.
 PYTHON ?= python3
-OUT ?= benchmarks/results/local
+OUT ?=
+OUT_ARG = $(if $(OUT),--out $(OUT),)
 
 .PHONY: setup emu test bench bench-quick bench-accuracy
 
@@ -17,10 +20,11 @@ test: setup emu
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 bench: setup
-	$(PYTHON) -m sparseprune bench --out $(OUT)
+	$(PYTHON) -m sparseprune bench --dtype fp32 $(OUT_ARG)
+	$(PYTHON) -m sparseprune bench --dtype bf16 $(OUT_ARG)
 
 bench-quick: setup
-	$(PYTHON) -m sparseprune bench --quick --out $(OUT)
+	$(PYTHON) -m sparseprune bench --quick $(OUT_ARG)
 
 bench-accuracy: setup
-	$(PYTHON) -m sparseprune bench --accuracy --out $(OUT)
+	$(PYTHON) -m sparseprune bench --accuracy $(OUT_ARG)

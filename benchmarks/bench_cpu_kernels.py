@@ -3,24 +3,26 @@
 Dense and sparse runs are interleaved round by round and the reported ratio is the median of the
 per-round ratios (dense ms / sparse ms), which cancels slow drifts (turbo, other tenants).
 
-    python benchmarks/bench_cpu_kernels.py [--large] [--dtypes fp32,bf16] [--batches 1,16,128]
+    python benchmarks/bench_cpu_kernels.py [--large] [--dtypes fp32,bf16] [--batches 1,16,128] [--csv PATH]
+
+Writes a CSV (default ``benchmarks/results/<machine label>/cpu_kernels.csv``, overwritten) whose
+rows carry the machine's metadata (``sparseprune.bench.machine``: CPU model, family/model, ISA level
+in use, cores, threads, load before/after, versions, date), and the same metadata as JSON beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
 import statistics
 import time
 
 import torch
-
-from sparseprune._device import cpu_name
 import torch.nn.functional as F
 
 import sparseprune  # noqa: F401
+from sparseprune.bench import machine
 from sparseprune.formats import BlockSparseWeight, HybridWeight, Semi24Weight
 from sparseprune.ops import bsr, hybrid, semi24
 
@@ -82,7 +84,7 @@ def bench_pair(dense_fn, sparse_fn, x, rounds, target_s=0.005):
     return statistics.median(d_ms), statistics.median(s_ms), statistics.median(ratios), min(d_ms), min(s_ms)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
@@ -92,8 +94,8 @@ def main():
     ap.add_argument("--patterns", default="", help="comma list of pattern names to keep (default all)")
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--csv", default="benchmarks/results/local/cpu_kernels.csv")
-    args = ap.parse_args()
+    ap.add_argument("--csv", default=None, help="default benchmarks/results/<machine label>/cpu_kernels.csv")
+    args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -102,10 +104,8 @@ def main():
     keep = set(filter(None, args.patterns.split(",")))
     g = torch.Generator().manual_seed(0)
     rows = []
-    date = datetime.date.today().isoformat()
-    load = os.getloadavg()[0]
-    print(f"# {cpu_name()}, torch {torch.__version__}, isa {sparseprune.build_info().get('cpu_isa_active')}, "
-          f"threads {torch.get_num_threads()}, {args.n}x{args.k}, load average {load:.1f} on {os.cpu_count()} CPUs")
+    meta = machine.run_metadata("cpu", weights="hot")
+    print(f"# {machine.describe(meta)}, {args.n}x{args.k}")
     print(f"{'dtype':5} {'pattern':12} {'sparsity':>8} {'batch':>6} {'dense ms':>10} {'sparse ms':>10} {'ratio':>7}"
           f" {'min dense':>10} {'min sparse':>10} {'ratio(min)':>10}")
     for dn in args.dtypes.split(","):
@@ -122,18 +122,21 @@ def main():
                 d, s, r, dmin, smin = bench_pair(dense, fn, x, rounds)
                 print(f"{dn:5} {pattern:12} {sp:8.3f} {b:6d} {d:10.3f} {s:10.3f} {r:7.2f} {dmin:10.3f} {smin:10.3f}"
                       f" {dmin / smin:10.2f}", flush=True)
-                rows.append([cpu_name(), torch.__version__, date, dn, pattern, sp, b, f"{d:.4f}", f"{s:.4f}", f"{r:.3f}",
-                             f"{dmin:.4f}", f"{smin:.4f}", f"{dmin / smin:.3f}", torch.get_num_threads(),
-                             f"{os.getloadavg()[0]:.1f}"])
-    if args.csv:
-        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            wr = csv.writer(f)
-            if new:
-                wr.writerow(["device", "torch", "date", "dtype", "pattern", "sparsity", "batch", "ms_dense", "ms_sparse", "ratio",
-                             "ms_dense_min", "ms_sparse_min", "ratio_of_min", "threads", "loadavg"])
-            wr.writerows(rows)
+                rows.append({**meta, "dtype": dn, "shape": f"{args.n}x{args.k}", "pattern": pattern, "sparsity": sp,
+                             "batch": b, "ms_dense": f"{d:.4f}", "ms_sparse": f"{s:.4f}", "ratio": f"{r:.3f}",
+                             "ms_dense_min": f"{dmin:.4f}", "ms_sparse_min": f"{smin:.4f}",
+                             "ratio_of_min": f"{dmin / smin:.3f}", "load_1m": machine.loadavg()[0]})
+    meta = machine.finish(meta)
+    path = args.csv or os.path.join(machine.default_results_dir("cpu"), "cpu_kernels.csv")
+    if rows:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows({**r, "loadavg_after": meta["loadavg_after"]} for r in rows)
+        machine.write_metadata(os.path.splitext(path)[0] + ".json", meta, dtypes=args.dtypes.split(","),
+                               batches=batches, shape=[args.n, args.k], rounds=args.rounds)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,33 @@ import platform
 import torch
 
 
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what the platform module knows."""
+def cpuinfo_blocks(path: str = "/proc/cpuinfo") -> list[dict[str, str]]:
+    """/proc/cpuinfo as one {field: value} dict per logical CPU ([] where there is no such file)."""
+    blocks: list[dict[str, str]] = []
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
+            cur: dict[str, str] = {}
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    if cur:
+                        blocks.append(cur)
+                    cur = {}
+                    continue
+                key, sep, value = line.partition(":")
+                if sep:
+                    cur[key.strip()] = value.strip()
+            if cur:
+                blocks.append(cur)
     except OSError:
         pass
+    return blocks
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what the platform module knows."""
+    blocks = cpuinfo_blocks()
+    if blocks and blocks[0].get("model name"):
+        return blocks[0]["model name"]
     return platform.processor() or platform.machine() or "cpu"
 
 

@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import datetime
 import math
 import os
-import platform
 import sysconfig
 import time
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from .. import prune as sp_prune
 from ..convert import convert
 from ..bench.models import digits_cnn
 from ..modules import PackedModule
-from .._device import device_name
+from . import machine
 from .timing import compare
 
 
@@ -577,6 +575,7 @@ def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks
     """
     dev = torch.device(device)
     os.makedirs(out_dir, exist_ok=True)
+    meta = machine.run_metadata(dev, quick=quick)  # the machine, and the load average as the run starts
     t0 = time.perf_counter()
     rows = []
     notes = {}
@@ -585,10 +584,9 @@ def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks
         notes[task.name] = task.notes
         rows += run_task(task, dev, quick, log=log, styles=styles)
         del task
-    meta = {"device": device_name(dev), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "quick": quick,
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    meta = machine.finish(meta)
     write_csv(rows, os.path.join(out_dir, "accuracy.csv"), meta)
+    machine.write_metadata(os.path.join(out_dir, "accuracy.json"), meta, tasks=list(tasks))
     plot(rows, os.path.join(out_dir, "accuracy.png"))
     print(format_table(rows))
     for name, n in notes.items():
@@ -611,11 +609,11 @@ def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sparseprune.bench.accuracy", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/local")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/<machine label>/")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    run(args.out, quick=args.quick, device=args.device)
+    run(args.out or machine.default_results_dir(args.device), quick=args.quick, device=args.device)
     return 0
 
 
