@@ -164,11 +164,6 @@ typedef uint32_t u32a __attribute__((aligned(64)));
 SP_INLINE __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
-SP_INLINE uint32_t ld32(const uint16_t* p) {
-  uint32_t u;
-  std::memcpy(&u, p, 4);
-  return u;
-}
 
 // BSR: xs = pair rows xP[kp][BT] (word = x[2kp] | x[2kp+1] << 16), w = bf16 block rows (stride ldw);
 // nkp = bw / 2 pairs. Each xP row load feeds R*NV dot products (2 MACs per lane each).

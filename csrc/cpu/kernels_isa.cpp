@@ -38,19 +38,6 @@ constexpr int NBG = 4;  // x rows per GEMV pass: weights re-read (from L1/L2) on
 constexpr int64_t kRowChunk = 128;
 constexpr int64_t kKTile = 64;
 
-template <DType DT> using T_ = typename St<DT>::T;
-
-// Work is handed out dynamically in about this many pieces: on a shared machine a thread may lose
-// its core for a whole scheduler slice, and static splits would then make the others wait for it.
-constexpr int64_t kPieces = 64;
-SP_INLINE int64_t piece(int64_t n) { return std::max<int64_t>(1, n / kPieces); }
-
-// Below this many multiply-adds a call stays on one thread: waking a second thread costs
-// microseconds on an idle machine and up to a scheduler slice on an oversubscribed one, which
-// dwarfs a small layer's work (a 128x128 2:4 layer at batch 1 is 8k multiply-adds).
-constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
-SP_INLINE bool use_threads(int64_t macs) { return macs >= kMinParallelMacs; }
-
 // x rows as fp32 for the GEMV path (x itself when it already is fp32).
 template <DType DT> const float* x_as_f32(const LinearProblem& p, Scratch& buf) {
   if constexpr (DT == DType::F32) {
@@ -62,11 +49,6 @@ template <DType DT> const float* x_as_f32(const LinearProblem& p, Scratch& buf) 
     for (int64_t i = 0; i < n; i += 4096) to_f32<DT>(x + i, std::min<int64_t>(4096, n - i), buf.p + i);
     return buf.p;
   }
-}
-
-template <DType DT> SP_INLINE void put(const LinearProblem& p, int64_t b, int64_t n, float v) {
-  if (p.bias) v += lds<DT>(static_cast<const T_<DT>*>(p.bias) + n);
-  sts<DT>(static_cast<T_<DT>*>(p.y) + b * p.N + n, v);
 }
 
 // Transposes batch tiles [t0, t0 + ntile) of x into xT (tile t at xT + (t - t0) * K * BT, rows
@@ -94,13 +76,6 @@ template <DType DT> void transpose_tiles(const LinearProblem& p, int64_t t0, int
 // Batch tiles transposed per synchronisation (8 x K x BT fp32 = 8 MB at K=4096): each work piece
 // then runs all of them, so its weights are reused from L2 and threads meet once per 8 tiles.
 constexpr int64_t kSuperTiles = 8;
-
-// Writes part[r][j] (r < nr rows from n0, j < nb batch rows from b0) with bias, rounded once.
-template <DType DT>
-void finalize(const LinearProblem& p, const float* part, int64_t n0, int64_t nr, int64_t b0, int64_t nb) {
-  for (int64_t j = 0; j < nb; ++j)
-    for (int64_t r = 0; r < nr; ++r) put<DT>(p, b0 + j, n0 + r, part[r * BT + j]);
-}
 
 #define SP_NV_SWITCH(nv, call) \
   switch (nv) {                \
