@@ -94,7 +94,7 @@ def test_thread_splits(isa, kind, threads):
         torch.set_num_threads(old)
 
 
-def _raw_semi24_reference(x, values, meta, k):
+def raw_semi24_reference(x, values, meta, k):
     """y = sum over groups of v0 * x[4g + (nib & 3)] + v1 * x[4g + (nib >> 2)], for ANY nibble."""
     g = k // 4
     nib = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(meta.shape[0], -1)[:, :g].to(torch.int64)
@@ -116,7 +116,7 @@ def test_semi24_any_meta_bytes(isa, k, dtype):
     for b in (1, 3, 70):
         x = torch.randn(b, k).to(dtype)
         y = semi24.semi24_linear(x, values, meta)
-        ref = _raw_semi24_reference(x, values, meta, k)
+        ref = raw_semi24_reference(x, values, meta, k)
         torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
 
 
