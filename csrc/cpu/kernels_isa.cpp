@@ -1,7 +1,8 @@
 // Compiled once per ISA level (SP_ISA = generic | avx2 | avx512 | avx512bf16, see CMakeLists.txt).
+// (bf16 on AMX tiles lives in amx_kernels.cpp; dispatch.cpp sends there what it takes.)
 //
 // Each op has two paths, chosen by batch size:
-//  * small B (kGemvMax*): GEMV. Weights are streamed once per group of up to 4 x rows (memory-bound).
+//  * small B (gemv_max_*): GEMV. Weights are streamed once; each row runs against groups of up to 4 x rows.
 //  * otherwise: tiled. x is transposed into xT[K][BT] fp32 tiles (shared by the threads, up to 8
 //    tiles at a time); pieces of output rows are handed out dynamically and run all those tiles.
 // All sums are fp32; every output is rounded once to the dtype. At avx512bf16 the bf16 tiled path
@@ -20,15 +21,27 @@ namespace sparseprune::cpu::SP_ISA {
 
 namespace {
 
-// Largest batch served by the GEMV path, measured on Zen 4 (1 thread, 4096x4096 fp32): the tiled
-// path costs about the same from B=1 to 16 (per-weight overhead, 1 vector per x row), the GEMV
-// path grows with B. Crossover: semi24 and hybrid between 4 and 8, BSR between 2 and 4.
-// Re-measured for semi24 (fp32 and bf16 at avx512bf16, thread CPU time): tiled ~6.0 ms (fp32) flat
-// over B = 4..16, GEMV 5.9-6.3 ms at B = 4 and 7.2 / 8.8 / 14.8 ms at B = 5 / 8 / 16, so 4 stays.
-// The GEMV rows of x (16 KB each in fp32) do not fit L1 four at a time, so B >= 2 streams x from L2
-// per weight row; a K-blocked GEMV would be the way to make B = 5..16 cheaper (not done).
-constexpr int64_t kGemvMaxSemi = 4;
-constexpr int64_t kGemvMaxBsr = 2;
+// Largest batch served by the GEMV path (below: the tiled path); 1 thread, 4096x4096, thread CPU time.
+// AVX-512, measured on Zen 4: the tiled path costs about the same from B=1 to 16 (per-weight overhead,
+// 1 vector per x row), the GEMV grows with B; crossover semi24 and hybrid between 4 and 8, BSR between 2
+// and 4 (semi24 re-measured, fp32 and bf16: tiled ~6.0 ms flat over B = 4..16, GEMV 5.9-6.3 ms at B = 4).
+// AVX2, measured on Zen 3 (GEMV time / tiled time): the tiled path has half the
+// lanes and widens 16-bit weights block by block, so the GEMV wins longer: semi24 fp32 0.52 / 0.65 /
+// 0.88 / 1.07 at B = 5 / 8 / 12 / 16, bf16 0.33 / 0.43 / 0.62 / 0.97; BSR 10% fp32 0.77 / 0.99 / 1.30
+// at B = 3 / 5 / 8, bf16 0.33 / 0.73 / 0.95 / 1.09 at B = 3 / 8 / 12 / 16; hybrid 25% fp32 1.04 / 1.32 at
+// B = 3 / 5, bf16 0.91 / 1.01 / 1.33 at B = 5 / 8 / 12.
+template <DType DT> constexpr int64_t gemv_max_semi() {
+  if constexpr (VW == 8) return DT == DType::F32 ? 12 : 16;
+  return 4;
+}
+template <DType DT> constexpr int64_t gemv_max_bsr() {
+  if constexpr (VW == 8) return DT == DType::F32 ? 4 : 12;
+  return 2;
+}
+template <DType DT> constexpr int64_t gemv_max_hybrid() {
+  if constexpr (VW == 8) return DT == DType::F32 ? 4 : 8;
+  return 4;
+}
 constexpr int NBG = 4;  // x rows per GEMV pass: weights re-read (from L1/L2) once per 4 rows
 
 // Semi24 tiled: rows in chunks of kRowChunk and K in tiles of kKTile. The xT sub-tile
@@ -86,6 +99,10 @@ constexpr int64_t kSuperTiles = 8;
   }
 
 // ================================================================== semi24
+// GEMV: each weight row runs against every group of NBG x rows while it is in L1/L2, so weights come
+// from DRAM once. (x rows, 16 KB each in fp32 at K = 4096, come from L2 when B >= 2. K-blocking them into
+// L1 was tried on Zen 3: 16 rows x 1-2 KB tiles made 32 short interleaved streams that the prefetchers
+// served worse, 1.3-1.5x slower at every B.)
 template <int NB, DType DT>
 void semi24_gemv_row(const LinearProblem& p, const T_<DT>* w, const uint8_t* m, const float* xf, int64_t n,
                      int64_t b0) {
@@ -322,7 +339,7 @@ void semi24_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uin
 
 template <DType DT> void semi24_impl(const LinearProblem& p, const void* values, const uint8_t* meta, int64_t ms) {
   const T_<DT>* v = static_cast<const T_<DT>*>(values);
-  if (p.B <= kGemvMaxSemi) semi24_gemv<DT>(p, v, meta, ms);
+  if (p.B <= gemv_max_semi<DT>()) semi24_gemv<DT>(p, v, meta, ms);
 #if defined(__AVX512BF16__)
   else if constexpr (DT == DType::BF16) semi24_tiled_bf16(p, v, meta, ms);
 #endif
@@ -511,7 +528,7 @@ template <bool SEMI, DType DT>
 void block_impl(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
                 const int32_t* col, int64_t bh, int64_t bw) {
   const T_<DT>* v = static_cast<const T_<DT>*>(values);
-  if (p.B <= (SEMI ? kGemvMaxSemi : kGemvMaxBsr)) block_gemv<SEMI, DT>(p, v, meta, crow, col, bh, bw);
+  if (p.B <= (SEMI ? gemv_max_hybrid<DT>() : gemv_max_bsr<DT>())) block_gemv<SEMI, DT>(p, v, meta, crow, col, bh, bw);
 #if defined(__AVX512BF16__)
   else if constexpr (DT == DType::BF16) {
     if (SEMI || bw % 2 == 0) block_tiled_bf16<SEMI>(p, v, meta, crow, col, bh, bw);
