@@ -76,31 +76,22 @@ def test_semi24_tiles(amx_isa, n, k):
     _check("semi24", packed, wd, k, amx_isa)
 
 
-# (block, taken by the tiles): mr = largest divisor of bh <= 16, kc = largest even divisor of bw <= 32;
-# tiles below 128 elements (e.g. 10 x 10) and odd widths decline to the vector path.
-BSR_BLOCKS = [((16, 32), True), ((32, 32), True), ((12, 24), True), ((8, 16), True), ((48, 64), True),
-              ((32, 96), True), ((64, 8), True), ((4, 64), True), ((20, 10), False), ((3, 7), False)]
+# (kind, block, taken by the tiles). BSR: mr = largest divisor of bh <= 16, kc = largest even divisor of
+# bw <= 32; hybrid: kc = largest multiple of 8 dividing bw, <= 32 (a whole meta byte per 8 inputs). Tiles
+# below 128 elements (10 x 10, 8 x 8) and odd widths decline to the vector path.
+BLOCK_CASES = [("bsr", b, t) for b, t in [((16, 32), True), ((32, 32), True), ((12, 24), True), ((8, 16), True),
+                                          ((48, 64), True), ((32, 96), True), ((64, 8), True), ((4, 64), True),
+                                          ((20, 10), False), ((3, 7), False)]]
+BLOCK_CASES += [("hybrid", b, t) for b, t in [((16, 32), True), ((32, 32), True), ((16, 16), True), ((16, 40), True),
+                                              ((48, 64), True), ((4, 32), True), ((8, 8), False)]]
 
 
-@pytest.mark.parametrize("block,on_tiles", BSR_BLOCKS, ids=[f"{b[0]}x{b[1]}" for b, _ in BSR_BLOCKS])
-def test_bsr_tiles(amx_isa, block, on_tiles):
+@pytest.mark.parametrize("kind,block,on_tiles", BLOCK_CASES, ids=[f"{k}-{b[0]}x{b[1]}" for k, b, _ in BLOCK_CASES])
+def test_block_tiles(amx_isa, kind, block, on_tiles):
     bh, bw = block
     n, k = bh * 5, bw * 4
-    packed, wd = random_weight("bsr", n, k, BF16, block=block, density=0.6)
-    _check("bsr", packed, wd, k, amx_isa, batches=[1, 16, 17, 33], on_tiles=on_tiles)
-
-
-# Hybrid: kc = largest multiple of 8 dividing bw, <= 32 (a whole meta byte per 8 inputs).
-HYBRID_BLOCKS = [((16, 32), True), ((32, 32), True), ((16, 16), True), ((16, 40), True), ((48, 64), True),
-                 ((4, 32), True), ((8, 8), False)]
-
-
-@pytest.mark.parametrize("block,on_tiles", HYBRID_BLOCKS, ids=[f"{b[0]}x{b[1]}" for b, _ in HYBRID_BLOCKS])
-def test_hybrid_tiles(amx_isa, block, on_tiles):
-    bh, bw = block
-    n, k = bh * 5, bw * 4
-    packed, wd = random_weight("hybrid", n, k, BF16, block=block, density=0.6)
-    _check("hybrid", packed, wd, k, amx_isa, batches=[1, 16, 17, 33], on_tiles=on_tiles)
+    packed, wd = random_weight(kind, n, k, BF16, block=block, density=0.6)
+    _check(kind, packed, wd, k, amx_isa, batches=[1, 16, 17, 33], on_tiles=on_tiles)
 
 
 @pytest.mark.parametrize("kind", ["bsr", "hybrid"])

@@ -15,31 +15,23 @@
 
 #include "cpu/kernels.h"
 
-#define SP_DECLARE_ISA(ns)                                                                                         \
+// The AMX builds return bool: they take a call (true) or leave it to the level below (false: not bf16, a
+// block shape too small for tiles, a non-finite x for the 2:4 formats).
+#define SP_DECLARE_OPS(ns, ret)                                                                                    \
   namespace sparseprune::cpu::ns {                                                                                 \
-  void semi24_linear(const LinearProblem&, const void*, const uint8_t*, int64_t);                                  \
-  void bsr_linear(const LinearProblem&, const void*, const int32_t*, const int32_t*, int64_t, int64_t);            \
-  void hybrid_linear(const LinearProblem&, const void*, const uint8_t*, const int32_t*, const int32_t*, int64_t,   \
-                     int64_t);                                                                                     \
+  ret semi24_linear(const LinearProblem&, const void*, const uint8_t*, int64_t);                                   \
+  ret bsr_linear(const LinearProblem&, const void*, const int32_t*, const int32_t*, int64_t, int64_t);             \
+  ret hybrid_linear(const LinearProblem&, const void*, const uint8_t*, const int32_t*, const int32_t*, int64_t,    \
+                    int64_t);                                                                                      \
   }
-SP_DECLARE_ISA(generic)
-SP_DECLARE_ISA(avx2)
-SP_DECLARE_ISA(avx512)
-SP_DECLARE_ISA(avx512bf16)
-
-// The AMX builds take a call (return true) or leave it to the level below (false: not bf16, a block
-// shape too small for tiles, a non-finite x for the 2:4 formats).
-#define SP_DECLARE_AMX(ns)                                                                                         \
-  namespace sparseprune::cpu::ns {                                                                                 \
-  bool semi24_linear(const LinearProblem&, const void*, const uint8_t*, int64_t);                                  \
-  bool bsr_linear(const LinearProblem&, const void*, const int32_t*, const int32_t*, int64_t, int64_t);            \
-  bool hybrid_linear(const LinearProblem&, const void*, const uint8_t*, const int32_t*, const int32_t*, int64_t,   \
-                     int64_t);                                                                                     \
-  }
+SP_DECLARE_OPS(generic, void)
+SP_DECLARE_OPS(avx2, void)
+SP_DECLARE_OPS(avx512, void)
+SP_DECLARE_OPS(avx512bf16, void)
 #if SP_HAVE_AMX
-SP_DECLARE_AMX(amx)
+SP_DECLARE_OPS(amx, bool)
 #endif
-SP_DECLARE_AMX(amx_emu)
+SP_DECLARE_OPS(amx_emu, bool)
 namespace sparseprune::cpu::amx_emu {
 uint64_t emulated_dot_count();
 }
