@@ -98,10 +98,18 @@ SP_INLINE void semi_seg(const typename St<DT>::T* w, const uint8_t* m, int64_t n
       semi_chunk<NB, DT, true>(w, bc, g + (s + 1) * kSemiChunk, x, xs, a + (s + 1) * NB);
     }
   }
-  for (; g + kSemiChunk <= ng; g += kSemiChunk) {
+  for (; g + 2 * kSemiChunk <= ng; g += 2 * kSemiChunk) {  // short segments (hybrid blocks): one meta word
+    uint32_t word;
+    std::memcpy(&word, m + g / 2, 4);
+    const __m256i bc = _mm256_set1_epi32(int(word));
+    semi_chunk<NB, DT, false>(w, bc, g, x, xs, a);
+    semi_chunk<NB, DT, true>(w, bc, g + kSemiChunk, x, xs, a + NB);
+  }
+  if (g + kSemiChunk <= ng) {
     uint16_t hw;
     std::memcpy(&hw, m + g / 2, 2);
     semi_chunk<NB, DT, false>(w, _mm256_set1_epi32(int(hw)), g, x, xs, a);
+    g += kSemiChunk;
   }
   _Pragma("GCC unroll 8") for (int i = 2 * NB; i < NS * NB; ++i) a[i % (2 * NB)] += a[i];
   _Pragma("GCC unroll 8") for (int i = 0; i < 2 * NB; ++i) acc[i] = a[i];
