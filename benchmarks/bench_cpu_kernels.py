@@ -4,7 +4,8 @@ Dense and sparse runs are interleaved round by round and the reported ratio is t
 per-round ratios (dense ms / sparse ms), which cancels slow drifts (turbo, other tenants). With
 ``--isa a,b`` each sparse case runs at every listed ISA level in the same rounds (e.g. ``amx,avx512bf16``
 on an Intel Xeon with AMX: tiles vs AVX-512), and ``--amx-min-batch`` moves the batch where the AMX
-tiles take over (default: where the AVX-512 GEMV stops), to find the crossover.
+tiles take over (default: where the AVX-512 GEMV stops), to find the crossover; ``--gemv-max-batch`` does
+the same for the GEMV / tiled switch of the vector levels.
 
 Floor: the time the sparse kernel would take if it read its bytes at the bandwidth dense F.linear
 reaches at batch 1 and did its useful FLOPs at the rate dense reaches at the largest batch, both measured
@@ -145,6 +146,7 @@ def main():
     ap.add_argument("--isa", default="", help="comma list of SPARSEPRUNE_CPU_ISA levels to run side by side "
                     "(default: the level in use)")
     ap.add_argument("--amx-min-batch", type=int, default=0, help="SPARSEPRUNE_AMX_MIN_BATCH for this run")
+    ap.add_argument("--gemv-max-batch", type=int, default=0, help="SPARSEPRUNE_GEMV_MAX_BATCH for this run")
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -157,6 +159,8 @@ def main():
         ap.error("--clock cpu measures the calling thread only: use it with --threads 1")
     if args.amx_min_batch:
         os.environ["SPARSEPRUNE_AMX_MIN_BATCH"] = str(args.amx_min_batch)
+    if args.gemv_max_batch:
+        os.environ["SPARSEPRUNE_GEMV_MAX_BATCH"] = str(args.gemv_max_batch)
 
     torch.set_num_threads(args.threads)
     now = clock(args.clock)

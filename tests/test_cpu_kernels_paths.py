@@ -79,6 +79,17 @@ def test_hybrid_paths(isa, block, dtype):
     _check_batches("hybrid", packed, wd, k, dtype)
 
 
+@pytest.mark.parametrize("limit", [1, 1000], ids=["tiled-from-2", "gemv-always"])
+@pytest.mark.parametrize("kind", ["semi24", "bsr", "hybrid"])
+def test_gemv_limit_override(isa, monkeypatch, kind, limit):
+    """SPARSEPRUNE_GEMV_MAX_BATCH moves the GEMV/tiled switch (to measure it on another CPU): the tiled
+    path at tiny batches and the GEMV at many groups of 4 rows are then reachable, and must be right."""
+    monkeypatch.setenv("SPARSEPRUNE_GEMV_MAX_BATCH", str(limit))
+    for dtype in (torch.float32, torch.bfloat16):
+        packed, wd = random_weight(kind, 96, 160, dtype, block=(16, 32), density=0.5)
+        _check_batches(kind, packed, wd, 160, dtype, batches=[2, 3, 17, 70])
+
+
 @pytest.mark.parametrize("threads", [1, 3, 8])
 @pytest.mark.parametrize("kind", ["semi24", "bsr", "hybrid"])
 def test_thread_splits(isa, kind, threads):

@@ -138,15 +138,6 @@ Isa vector_level(Isa i) {
   return i;
 }
 
-int64_t amx_min_batch(int64_t dflt) {
-  if (const char* s = std::getenv("SPARSEPRUNE_AMX_MIN_BATCH")) {
-    char* end = nullptr;
-    const long long v = std::strtoll(s, &end, 10);
-    if (end != s && *end == '\0' && v >= 1) return v;
-  }
-  return dflt;
-}
-
 }  // namespace
 
 const char* active_isa_name() {
@@ -172,7 +163,7 @@ uint64_t amx_emulated_dot_count() { return amx_emu::emulated_dot_count(); }
 #endif
 #define SP_DISPATCH(min_batch, fn, ...)                                                 \
   const Isa i = isa();                                                                  \
-  if (i >= Isa::Amx && p.B >= amx_min_batch(min_batch)) {                               \
+  if (i >= Isa::Amx && p.B >= env_batch("SPARSEPRUNE_AMX_MIN_BATCH", min_batch)) {   \
     SP_TRY_AMX_REAL(fn, __VA_ARGS__)                                                    \
     if (i == Isa::AmxEmulated && amx_emu::fn(__VA_ARGS__)) return;                      \
   }                                                                                     \

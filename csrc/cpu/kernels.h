@@ -4,6 +4,7 @@
 // time. The torch-facing files (semi24_linear.cpp, ...) check tensors and call these.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 
 namespace sparseprune::cpu {
 
@@ -32,6 +33,18 @@ void bsr_linear(const LinearProblem& p, const void* values, const int32_t* crow,
 // Hybrid: BSR structure as above; block values [nnzb, bh, bw/2], meta [nnzb, bh, bw/8] (bw % 8 == 0).
 void hybrid_linear(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
                    const int32_t* col, int64_t bh, int64_t bw);
+
+// A batch-size knob from the environment, read per call (tests and benchmarks switch it between calls):
+// a positive integer, else dflt. SPARSEPRUNE_AMX_MIN_BATCH (dispatch.cpp), SPARSEPRUNE_GEMV_MAX_BATCH
+// (kernels_isa.cpp) move the switch points between kernel paths, to measure them on another CPU.
+inline int64_t env_batch(const char* name, int64_t dflt) {
+  if (const char* s = std::getenv(name)) {
+    char* end = nullptr;
+    const long long v = std::strtoll(s, &end, 10);
+    if (end != s && *end == '\0' && v >= 1) return v;
+  }
+  return dflt;
+}
 
 // Name of the ISA level in use: "amx", "avx512bf16", "avx512", "avx2" or "generic"; "amx_emulated" when
 // SPARSEPRUNE_CPU_ISA asks for the AMX kernels on emulated tiles.

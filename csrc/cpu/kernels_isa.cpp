@@ -30,6 +30,8 @@ namespace {
 // 0.88 / 1.07 at B = 5 / 8 / 12 / 16, bf16 0.33 / 0.43 / 0.62 / 0.97; BSR 10% fp32 0.77 / 0.99 / 1.30
 // at B = 3 / 5 / 8, bf16 0.33 / 0.73 / 0.95 / 1.09 at B = 3 / 8 / 12 / 16; hybrid 25% fp32 1.04 / 1.32 at
 // B = 3 / 5, bf16 0.91 / 1.01 / 1.33 at B = 5 / 8 / 12.
+// SPARSEPRUNE_GEMV_MAX_BATCH=<n> replaces all three limits (to measure the crossover on another CPU).
+SP_INLINE int64_t gemv_limit(int64_t dflt) { return env_batch("SPARSEPRUNE_GEMV_MAX_BATCH", dflt); }
 template <DType DT> constexpr int64_t gemv_max_semi() {
   if constexpr (VW == 8) return DT == DType::F32 ? 12 : 16;
   return 4;
@@ -339,7 +341,7 @@ void semi24_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uin
 
 template <DType DT> void semi24_impl(const LinearProblem& p, const void* values, const uint8_t* meta, int64_t ms) {
   const T_<DT>* v = static_cast<const T_<DT>*>(values);
-  if (p.B <= gemv_max_semi<DT>()) semi24_gemv<DT>(p, v, meta, ms);
+  if (p.B <= gemv_limit(gemv_max_semi<DT>())) semi24_gemv<DT>(p, v, meta, ms);
 #if defined(__AVX512BF16__)
   else if constexpr (DT == DType::BF16) semi24_tiled_bf16(p, v, meta, ms);
 #endif
@@ -528,7 +530,8 @@ template <bool SEMI, DType DT>
 void block_impl(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
                 const int32_t* col, int64_t bh, int64_t bw) {
   const T_<DT>* v = static_cast<const T_<DT>*>(values);
-  if (p.B <= (SEMI ? gemv_max_hybrid<DT>() : gemv_max_bsr<DT>())) block_gemv<SEMI, DT>(p, v, meta, crow, col, bh, bw);
+  if (p.B <= gemv_limit(SEMI ? gemv_max_hybrid<DT>() : gemv_max_bsr<DT>()))
+    block_gemv<SEMI, DT>(p, v, meta, crow, col, bh, bw);
 #if defined(__AVX512BF16__)
   else if constexpr (DT == DType::BF16) {
     if (SEMI || bw % 2 == 0) block_tiled_bf16<SEMI>(p, v, meta, crow, col, bh, bw);
