@@ -25,15 +25,13 @@ namespace {
 // AVX-512, measured on Zen 4: the tiled path costs about the same from B=1 to 16 (per-weight overhead,
 // 1 vector per x row), the GEMV grows with B; crossover semi24 and hybrid between 4 and 8, BSR between 2
 // and 4 (semi24 re-measured, fp32 and bf16: tiled ~6.0 ms flat over B = 4..16, GEMV 5.9-6.3 ms at B = 4).
-// AVX2, measured on Zen 3 (GEMV time / tiled time): the tiled path has half the
-// lanes and widens 16-bit weights block by block, so the GEMV wins longer: semi24 fp32 0.52 / 0.65 /
-// 0.88 / 1.07 at B = 5 / 8 / 12 / 16, bf16 0.33 / 0.43 / 0.62 / 0.97; BSR 10% fp32 0.77 / 0.99 / 1.30
-// at B = 3 / 5 / 8, bf16 0.33 / 0.73 / 0.95 / 1.09 at B = 3 / 8 / 12 / 16; hybrid 25% fp32 1.04 / 1.32 at
-// B = 3 / 5, bf16 0.91 / 1.01 / 1.33 at B = 5 / 8 / 12.
-// SPARSEPRUNE_GEMV_MAX_BATCH=<n> replaces all three limits (to measure the crossover on another CPU).
-SP_INLINE int64_t gemv_limit(int64_t dflt) { return env_batch("SPARSEPRUNE_GEMV_MAX_BATCH", dflt); }
+// AVX2, measured on Zen 3 (tiled time / GEMV time, > 1: the GEMV is faster): the tiled path has half
+// the lanes and widens 16-bit weights block by block, so the GEMV wins longer: semi24 fp32 1.34 / 1.02 /
+// 0.88 at B = 5 / 8-9 / 10, bf16 1.97 / 1.52 / 1.22 / 1.13 / 0.96 at B = 5 / 8 / 12 / 13 / 14; BSR 10%
+// fp32 1.30 / 1.01 / 0.77 at B = 3 / 5 / 8, bf16 3.0 / 1.37 / 1.05 / 0.92 at B = 3 / 8 / 12 / 16; hybrid
+// 25% fp32 0.96 / 0.76 at B = 3 / 5, bf16 1.10 / 0.99 / 0.75 at B = 5 / 8 / 12.
 template <DType DT> constexpr int64_t gemv_max_semi() {
-  if constexpr (VW == 8) return DT == DType::F32 ? 12 : 16;
+  if constexpr (VW == 8) return DT == DType::F32 ? 8 : 12;
   return 4;
 }
 template <DType DT> constexpr int64_t gemv_max_bsr() {
@@ -44,14 +42,17 @@ template <DType DT> constexpr int64_t gemv_max_hybrid() {
   if constexpr (VW == 8) return DT == DType::F32 ? 4 : 8;
   return 4;
 }
+// SPARSEPRUNE_GEMV_MAX_BATCH=<n> replaces all three limits (to measure the crossover on another CPU).
+SP_INLINE int64_t gemv_limit(int64_t dflt) { return env_batch("SPARSEPRUNE_GEMV_MAX_BATCH", dflt); }
 constexpr int NBG = 4;  // x rows per GEMV pass: weights re-read (from L1/L2) once per 4 rows
 
 // Semi24 tiled: rows in chunks of kRowChunk and K in tiles of kKTile. The xT sub-tile
-// (kKTile x BT fp32 = 16 KB on AVX-512) stays in the 32 KB L1d for all rows of the chunk; the
-// chunk's partial sums (32 KB) live in L2. Big chunks mean xT (1 MB at K=4096) is streamed from
-// L3 only N/kRowChunk times per batch tile; N/128 chunks are still enough pieces to balance.
+// (kKTile x BT fp32 = 16 KB: 64 inputs on AVX-512, 128 on AVX2) stays in the 32 KB L1d for all rows of
+// the chunk; the chunk's partial sums (32 KB) live in L2. Big chunks mean xT (1 MB at K=4096) is streamed
+// from L3 only N/kRowChunk times per batch tile; N/128 chunks are still enough pieces to balance.
+// (AVX2 had 64 inputs = 8 KB too: 128 made it 1.17-1.48x faster at B = 13..128, Zen 3; 256 and 512 less.)
 constexpr int64_t kRowChunk = 128;
-constexpr int64_t kKTile = 64;
+constexpr int64_t kKTile = 4096 / BT;
 
 // x rows as fp32 for the GEMV path (x itself when it already is fp32).
 template <DType DT> const float* x_as_f32(const LinearProblem& p, Scratch& buf) {
