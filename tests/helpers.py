@@ -28,20 +28,70 @@ def random_block_mask(n, k, block, density, device="cpu") -> torch.Tensor:
     return m
 
 
+def expand_blocks(block_mask: torch.Tensor, block) -> torch.Tensor:
+    """[N/bh, K/bw] block mask -> [N, K] element mask (written here, not taken from the library)."""
+    return block_mask.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+
+
 def random_weight(kind: str, n: int, k: int, dtype=torch.float32, block=(32, 32), density=0.5, device="cpu"):
-    """(packed weight, masked dense fp32 weight) with fresh normal values (never zeros)."""
+    """(packed weight, masked dense fp32 weight) with fresh normal values (never zeros).
+
+    The dense weight is the random weight times the masks it was packed with, computed here and
+    not decoded from the packed form, so a kernel is compared against what was meant, not against
+    the library's own unpacking (which is checked separately against the same weight)."""
     w = torch.randn(n, k, device=device).to(dtype)
     if kind == "semi24":
-        packed = Semi24Weight.from_dense(w, random_24_mask(n, k, device))
+        mask = random_24_mask(n, k, device)
+        packed = Semi24Weight.from_dense(w, mask)
     elif kind == "bsr":
-        packed = BlockSparseWeight.from_dense(w, block, random_block_mask(n, k, block, density, device))
+        bm = random_block_mask(n, k, block, density, device)
+        mask = expand_blocks(bm, block)
+        packed = BlockSparseWeight.from_dense(w, block, bm)
     elif kind == "hybrid":
-        w = w * random_24_mask(n, k, device)
-        packed = HybridWeight.from_dense(w, block, random_block_mask(n, k, block, density, device))
+        bm = random_block_mask(n, k, block, density, device)
+        m24 = random_24_mask(n, k, device)
+        mask = m24 & expand_blocks(bm, block)
+        packed = HybridWeight.from_dense(w * m24, block, bm)
     else:
         raise ValueError(kind)
     packed.validate()
-    return packed, packed.to_dense().float()
+    want = (w * mask).float()
+    assert torch.equal(packed.to_dense().float(), want), f"{kind}: packing lost or moved values"
+    return packed, want
+
+
+def has_pattern(w: torch.Tensor, kind: str, block=None, sparsity=None, n: int = 2, m: int = 4) -> bool:
+    """Independent check (numpy, not the library's ``satisfies``) that ``w``'s zeros form the pattern.
+
+    kind: "nm" (at most n nonzeros in every m consecutive inputs of a row), "block" (whole
+    bh x bw blocks zero, ``sparsity`` of them when given, to within one block) or "hybrid" (both)."""
+    a = w.detach().float().cpu().numpy() != 0
+    rows, cols = a.shape
+    if kind == "unstructured":
+        return sparsity is not None and 1 - a.mean() >= sparsity - 1e-9
+    ok = True
+    if kind in ("nm", "hybrid"):
+        if cols % m:
+            return False
+        ok = int(a.reshape(rows, cols // m, m).sum(axis=2).max(initial=0)) <= n
+    if ok and kind in ("block", "hybrid"):
+        bh, bw = block
+        if rows % bh or cols % bw:
+            return False
+        nonempty = a.reshape(rows // bh, bh, cols // bw, bw).any(axis=(1, 3))
+        frac_empty = 1 - nonempty.mean()
+        # a layer prunes a whole number of blocks: the fraction may fall short by less than one block
+        ok = frac_empty > sparsity - 1 / nonempty.size if sparsity is not None else frac_empty > 0
+    return bool(ok)
+
+
+def pattern_of(pat, sparsity=None) -> dict:
+    """has_pattern() keywords for a library Pattern (its kind, block size and N:M only)."""
+    if pat.kind == "nm":
+        return dict(kind="nm", n=pat.n, m=pat.m)
+    if pat.kind == "unstructured":
+        return dict(kind="unstructured", sparsity=sparsity)
+    return dict(kind=pat.kind, block=tuple(pat.block_size), sparsity=sparsity)
 
 
 def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, w_dense: torch.Tensor, bias=None):

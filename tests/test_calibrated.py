@@ -12,10 +12,11 @@ from torch import nn
 import sparseprune
 from sparseprune.prune.calibrate import LayerStats, find_block_stack, prune_layers
 from sparseprune.prune.methods import Magnitude, get_method
-from sparseprune.prune.patterns import Pattern, parse_pattern, satisfies
+from sparseprune.prune.patterns import Pattern, parse_pattern
 from sparseprune.prune.permute import PERM_ATTR
 from sparseprune.prune.select import select_layers
 from sparseprune.prune.sparsegpt import SparseGPT
+from tests.helpers import has_pattern, pattern_of
 
 PATTERNS = [
     ("2:4", {}),
@@ -139,7 +140,7 @@ def test_sparsegpt_reconstructs_better_than_magnitude(pattern, kw):
     mask, w_sg = get_method("sparsegpt").prune_layer(w, pat, kw.get("sparsity"), stats=st)
     _, w_mag = Magnitude().prune_layer(w, pat, kw.get("sparsity"))
     assert torch.equal(w_sg != 0, (w_sg != 0) & mask), "SparseGPT kept a weight its mask prunes"
-    assert satisfies(w_sg * mask, pat, kw.get("sparsity"))
+    assert has_pattern(w_sg * mask, **pattern_of(pat, kw.get("sparsity")))
     assert abs((~mask).float().mean().item() - pat.overall_sparsity(kw.get("sparsity"))) < 1e-6
     e_sg, e_mag = _recon_err(x, w, w_sg), _recon_err(x, w, w_mag)
     assert e_sg < 0.8 * e_mag, f"SparseGPT error {e_sg:.4g} not well below magnitude's {e_mag:.4g}"
@@ -265,7 +266,7 @@ def test_transformers_block_by_block(arch, method):
     masks = prune_layers(model, plans, Spy(), cal)
     assert set(masks) == {p.name for p in plans}
     for p in plans:
-        assert satisfies(p.module.weight, p.pattern, None), p.name
+        assert has_pattern(p.module.weight, **pattern_of(p.pattern)), p.name
     # Block 1's statistics come from the outputs of the already-pruned block 0: replay the pruned
     # model and compare with the dense model (which would give different norms).
     seen, hs = _record_inputs(model, [probe1])
@@ -399,7 +400,7 @@ def test_generator_calibration_streams_when_one_pass_is_enough():
     ref = copy.deepcopy(model)
     sparseprune.prune(model, "2:4", method="sparsegpt", calibration=gen())
     assert peak[0] <= 2  # the item being used and the next one
-    assert all(satisfies(m.weight, Pattern("nm", 2, 4), None) for m in model if isinstance(m, nn.Linear))
+    assert all(has_pattern(m.weight, "nm") for m in model if isinstance(m, nn.Linear))
     assert not torch.equal(model[0].weight, ref[0].weight)
     with pytest.raises(ValueError, match="empty"):
         sparseprune.prune(ref, "2:4", method="wanda", calibration=iter([]))
@@ -418,7 +419,7 @@ def test_sparsegpt_on_cuda_reconstructs_like_on_cpu(pattern, kw):
     xg, wg = x.cuda(), w.cuda()
     mask_g, w_g = get_method("sparsegpt").prune_layer(wg, pat, kw.get("sparsity"), stats=_stats(xg, True))
     assert w_g.is_cuda and mask_g.is_cuda
-    assert satisfies((w_g * mask_g).cpu(), pat, kw.get("sparsity"))
+    assert has_pattern(w_g * mask_g, **pattern_of(pat, kw.get("sparsity")))
     e_c, e_g = _recon_err(x, w, w_c), _recon_err(x, w, w_g.cpu())
     _, w_mag = Magnitude().prune_layer(w, pat, kw.get("sparsity"))
     assert e_g < 0.8 * _recon_err(x, w, w_mag)
@@ -444,7 +445,7 @@ def test_llama_block_by_block_on_cuda(method):
     sparseprune.prune(perm_gpu, "2:4", method=method, calibration=ids, include="model.layers.*", permute=True)
     for n, m in perm_gpu.named_modules():
         if isinstance(m, nn.Linear) and ".layers." in n:
-            assert satisfies(m.weight[:, getattr(m, PERM_ATTR)], Pattern("nm", 2, 4), None), n
+            assert has_pattern(m.weight[:, getattr(m, PERM_ATTR)], "nm"), n
     with torch.no_grad():
         out = perm_gpu(input_ids=ids[0].cuda()).logits
     assert torch.isfinite(out).all()

@@ -8,7 +8,7 @@ from torch import nn
 
 import sparseprune
 from sparseprune import SparseLinear
-from tests.helpers import DTYPE_IDS
+from tests.helpers import DTYPE_IDS, has_pattern
 
 PATTERNS = [("2:4", {}), ("block", dict(sparsity=0.5, block_size=(16, 16))),
             ("hybrid", dict(sparsity=0.5, block_size=(16, 16))), ("1:4", {})]
@@ -42,6 +42,44 @@ def test_mlp_converted_equals_masked_dense(pattern, kw, dtype):
         x = torch.randn(b, 64).to(dtype)
         torch.testing.assert_close(conv(x), dense(x), **TOL[dtype])
         assert conv(x).dtype == dtype
+
+
+# Every backend through the public convert(): block shapes the CUDA backend accepts (bh % 16, bw % 32).
+BACKEND_PATTERNS = [("2:4", {}), ("block", dict(sparsity=0.75, block_size=(32, 32))),
+                    ("hybrid", dict(sparsity=0.5, block_size=(16, 32)))]
+BACKENDS = [pytest.param("cpu", "cpu", id="backend=cpu"), pytest.param("triton", "cpu", id="backend=triton-interp"),
+            pytest.param("triton", "cuda", id="backend=triton-cuda", marks=pytest.mark.gpu),
+            pytest.param("cuda", "cuda", id="backend=cuda", marks=pytest.mark.gpu)]
+BACKEND_DTYPES = {"cpu": [torch.float32, torch.bfloat16, torch.float16], "triton": [torch.float16, torch.float32],
+                  "cuda": [torch.float16, torch.bfloat16]}
+
+
+def _inputs(b, k, dtype, device):
+    """A contiguous batch, a strided (every other column) one and a 3-d transposed view."""
+    yield torch.randn(b, k, dtype=dtype, device=device)
+    yield torch.randn(b, 2 * k, dtype=dtype, device=device)[:, ::2]
+    yield torch.randn(k, 3, max(b, 1), dtype=dtype, device=device).permute(2, 1, 0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("pattern,kw", BACKEND_PATTERNS, ids=[p for p, _ in BACKEND_PATTERNS])
+def test_convert_through_every_backend(backend, device, pattern, kw):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    for dtype in BACKEND_DTYPES[backend]:
+        model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.Linear(64, 96)).to(device, dtype)
+        dense, conv = _pruned_and_converted(model, pattern, kw, backend=backend)
+        assert [lr.backend for lr in conv.sparseprune_report.converted] == [backend] * 3
+        for i in (0, 2, 3):
+            assert isinstance(conv[i], SparseLinear) and conv[i].values.device.type == device
+            kind = "nm" if pattern == "2:4" else pattern
+            assert has_pattern(dense[i].weight, kind, block=kw.get("block_size"), sparsity=kw.get("sparsity"))
+        for b in (0, 1, 5):
+            for x in _inputs(b, 64, dtype, device):
+                with torch.no_grad():
+                    got, want = conv(x), dense(x)
+                assert got.dtype == dtype and got.shape == want.shape
+                torch.testing.assert_close(got, want, **TOL[dtype])
 
 
 def test_report_contents_and_text():
