@@ -2,9 +2,10 @@
 
 The kernels switch between a GEMV path (small batch) and a transposed-tile path (larger batch), use
 batch tiles of 4 vectors (tails of 1..4 vectors), register-block 4 (AVX-512) or 2 rows, process
-2:4 rows in SIMD chunks of 8 (AVX-512) / 4 (AVX2) groups with a scalar tail, tile semi24 into 256
-row chunks and 64-input K tiles, and split rows between threads. The shapes below hit each of
-those edges at every ISA level this CPU runs.
+2:4 rows in SIMD chunks of 8 (AVX-512) / 4 (AVX2) groups with a scalar tail (AVX2: 4 or 2 chunks per
+step, then pairs, then one), tile semi24 into 128-row chunks and K tiles of 64 / 128 / 256 inputs
+(AVX-512 / AVX2 / generic), and split rows between threads. The shapes below hit each of those
+edges at every ISA level this CPU runs.
 
 At avx512bf16 the bf16 tiled path multiplies bf16 pairs with vdpbf16ps: x as pair words (BSR: adjacent
 inputs, odd block widths fall back to the widening path) or, for 2:4, a per-group table of the 6
@@ -39,8 +40,8 @@ def _check_batches(kind, packed, wd, k, dtype, batches=BATCHES):
 
 
 # semi24: K/4 odd (odd group count, pad nibble), K below / not a multiple of the SIMD chunk (32 or
-# 16 inputs), several K tiles with a partial last one, N above one row chunk (256) and not a
-# multiple of the register block.
+# 16 inputs; AVX2 GEMV steps of 64, 32 and 16 inputs: K = 264, 100, 28), several K tiles with a partial
+# last one, N above one row chunk (128) and not a multiple of the register block.
 SEMI_SHAPES = [(5, 4), (7, 12), (3, 28), (9, 36), (6, 100), (33, 132), (17, 200), (261, 264)]
 
 
