@@ -29,7 +29,7 @@ namespace {
 // the lanes and widens 16-bit weights block by block, so the GEMV wins longer: semi24 fp32 1.34 / 1.02 /
 // 0.88 at B = 5 / 8-9 / 10, bf16 1.97 / 1.52 / 1.22 / 1.13 / 0.96 at B = 5 / 8 / 12 / 13 / 14; BSR 10%
 // fp32 1.30 / 1.01 / 0.77 at B = 3 / 5 / 8, bf16 3.0 / 1.37 / 1.05 / 0.92 at B = 3 / 8 / 12 / 16; hybrid
-// 25% fp32 0.96 / 0.76 at B = 3 / 5, bf16 1.10 / 0.99 / 0.75 at B = 5 / 8 / 12.
+// 25% fp32 1.24-1.55 / 0.91 at B = 3-4 / 5, bf16 1.22-1.33 / 1.08 / 0.86-1.01 at B = 5 / 6 / 8.
 template <DType DT> constexpr int64_t gemv_max_semi() {
   if constexpr (VW == 8) return DT == DType::F32 ? 8 : 12;
   return 4;
@@ -39,7 +39,7 @@ template <DType DT> constexpr int64_t gemv_max_bsr() {
   return 2;
 }
 template <DType DT> constexpr int64_t gemv_max_hybrid() {
-  if constexpr (VW == 8) return DT == DType::F32 ? 4 : 8;
+  if constexpr (VW == 8) return DT == DType::F32 ? 4 : 6;
   return 4;
 }
 // SPARSEPRUNE_GEMV_MAX_BATCH=<n> replaces all three limits (to measure the crossover on another CPU).
