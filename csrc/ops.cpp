@@ -41,4 +41,8 @@ PYBIND11_MODULE(_C, mod) {
   }, "Which backends, CUDA architectures and CPU ISA levels this build contains.");
   mod.def("cpu_isa", []() { return std::string(sparseprune::cpu::active_isa_name()); },
           "The CPU ISA level the dispatcher picked at run time (SPARSEPRUNE_CPU_ISA overrides).");
+  mod.def("cpu_amx", []() { return std::string(sparseprune::cpu::amx_status()); },
+          "Whether the amx level can run here, and if not why (CPU, OS tile-state permission, build).");
+  mod.def("_amx_emulated_dots", []() { return sparseprune::cpu::amx_emulated_dot_count(); },
+          "Test aid: TDPBF16PS instructions run on the emulated tiles (SPARSEPRUNE_CPU_ISA=amx_emulated) so far.");
 }

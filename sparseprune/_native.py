@@ -14,10 +14,12 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
 
 
 def build_info() -> dict:
-    """Backends, CUDA archs and CPU ISA levels compiled into this build, plus the ISA in use."""
+    """Backends, CUDA archs and CPU ISA levels compiled into this build, plus the ISA in use
+    (``cpu_isa_active``) and why AMX tiles are or are not used here (``cpu_amx``)."""
     info = dict(_C.build_info())
     info["backends"] = [b for b in info["backends"].split(",") if b]
     info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
     info["cpu_isas"] = info["cpu_isas"].split(",")
     info["cpu_isa_active"] = _C.cpu_isa()
+    info["cpu_amx"] = _C.cpu_amx()
     return info

@@ -48,5 +48,10 @@ def cpu_isas():
     """ISA levels this CPU can run; tests run the CPU kernels at each level."""
     info = sparseprune.build_info()
     best = info["cpu_isa_active"]
-    order = ["generic", "avx2", "avx512", "avx512bf16"]
+    order = ["generic", "avx2", "avx512", "avx512bf16", "amx"]
     return order[: order.index(best) + 1]
+
+
+def amx_isas():
+    """The ways the AMX tile kernels can run here: always on emulated tiles, on real ones with AMX."""
+    return ["amx_emulated"] + (["amx"] if "amx" in cpu_isas() else [])

@@ -2,9 +2,10 @@
 
 The kernels switch between a GEMV path (small batch) and a transposed-tile path (larger batch), use
 batch tiles of 4 vectors (tails of 1..4 vectors), register-block 4 (AVX-512) or 2 rows, process
-2:4 rows in SIMD chunks of 8 (AVX-512) / 4 (AVX2) groups with a scalar tail, tile semi24 into 256
-row chunks and 64-input K tiles, and split rows between threads. The shapes below hit each of
-those edges at every ISA level this CPU runs.
+2:4 rows in SIMD chunks of 8 (AVX-512) / 4 (AVX2) groups with a scalar tail (AVX2: 4 or 2 chunks per
+step, then pairs, then one), tile semi24 into 128-row chunks and K tiles of 64 / 128 / 256 inputs
+(AVX-512 / AVX2 / generic), and split rows between threads. The shapes below hit each of those
+edges at every ISA level this CPU runs.
 
 At avx512bf16 the bf16 tiled path multiplies bf16 pairs with vdpbf16ps: x as pair words (BSR: adjacent
 inputs, odd block widths fall back to the widening path) or, for 2:4, a per-group table of the 6
@@ -19,9 +20,9 @@ from sparseprune.ops import semi24
 from tests.conftest import cpu_isas
 from tests.helpers import DTYPE_IDS, DTYPES, assert_matches_reference, call_op, random_weight
 
-# GEMV (<= 4 / <= 2), the thresholds' neighbours, and tile tails of every vector count at
-# vector widths 4, 8 and 16 (batch tiles of 16, 32, 64 rows).
-BATCHES = [1, 2, 3, 4, 5, 6, 8, 9, 15, 16, 17, 31, 33, 48, 63, 64, 65, 100, 129]
+# GEMV limits (AVX-512: 2 / 4; AVX2: 4 / 6 / 8 / 12 by op and dtype) and their neighbours, and tile
+# tails of every vector count at vector widths 4, 8 and 16 (batch tiles of 16, 32, 64 rows).
+BATCHES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 15, 16, 17, 31, 33, 48, 63, 64, 65, 100, 129]
 
 
 @pytest.fixture(params=cpu_isas(), ids=lambda i: f"isa={i}")
@@ -39,8 +40,8 @@ def _check_batches(kind, packed, wd, k, dtype, batches=BATCHES):
 
 
 # semi24: K/4 odd (odd group count, pad nibble), K below / not a multiple of the SIMD chunk (32 or
-# 16 inputs), several K tiles with a partial last one, N above one row chunk (256) and not a
-# multiple of the register block.
+# 16 inputs; AVX2 GEMV steps of 64, 32 and 16 inputs: K = 264, 100, 28), several K tiles with a partial
+# last one, N above one row chunk (128) and not a multiple of the register block.
 SEMI_SHAPES = [(5, 4), (7, 12), (3, 28), (9, 36), (6, 100), (33, 132), (17, 200), (261, 264)]
 
 
@@ -79,6 +80,17 @@ def test_hybrid_paths(isa, block, dtype):
     _check_batches("hybrid", packed, wd, k, dtype)
 
 
+@pytest.mark.parametrize("limit", [1, 1000], ids=["tiled-from-2", "gemv-always"])
+@pytest.mark.parametrize("kind", ["semi24", "bsr", "hybrid"])
+def test_gemv_limit_override(isa, monkeypatch, kind, limit):
+    """SPARSEPRUNE_GEMV_MAX_BATCH moves the GEMV/tiled switch (to measure it on another CPU): the tiled
+    path at tiny batches and the GEMV at many groups of 4 rows are then reachable, and must be right."""
+    monkeypatch.setenv("SPARSEPRUNE_GEMV_MAX_BATCH", str(limit))
+    for dtype in (torch.float32, torch.bfloat16):
+        packed, wd = random_weight(kind, 96, 160, dtype, block=(16, 32), density=0.5)
+        _check_batches(kind, packed, wd, 160, dtype, batches=[2, 3, 17, 70])
+
+
 @pytest.mark.parametrize("threads", [1, 3, 8])
 @pytest.mark.parametrize("kind", ["semi24", "bsr", "hybrid"])
 def test_thread_splits(isa, kind, threads):
@@ -94,7 +106,7 @@ def test_thread_splits(isa, kind, threads):
         torch.set_num_threads(old)
 
 
-def _raw_semi24_reference(x, values, meta, k):
+def raw_semi24_reference(x, values, meta, k):
     """y = sum over groups of v0 * x[4g + (nib & 3)] + v1 * x[4g + (nib >> 2)], for ANY nibble."""
     g = k // 4
     nib = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(meta.shape[0], -1)[:, :g].to(torch.int64)
@@ -116,7 +128,7 @@ def test_semi24_any_meta_bytes(isa, k, dtype):
     for b in (1, 3, 70):
         x = torch.randn(b, k).to(dtype)
         y = semi24.semi24_linear(x, values, meta)
-        ref = _raw_semi24_reference(x, values, meta, k)
+        ref = raw_semi24_reference(x, values, meta, k)
         torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
 
 

@@ -124,6 +124,39 @@ template <DType DT> SP_INLINE void to_f32(const typename St<DT>::T* src, int64_t
   for (; i < n; ++i) dst[i] = lds<DT>(src + i);
 }
 
+template <DType DT> using T_ = typename St<DT>::T;
+
+SP_INLINE uint32_t ld32(const uint16_t* p) {  // two adjacent 16-bit values as one word (first in the low half)
+  uint32_t u;
+  std::memcpy(&u, p, 4);
+  return u;
+}
+
+// ------------------------------------------------------------------ driver helpers (every kernel TU)
+// Work is handed out dynamically in about this many pieces: on a shared machine a thread may lose
+// its core for a whole scheduler slice, and static splits would then make the others wait for it.
+constexpr int64_t kPieces = 64;
+SP_INLINE int64_t piece(int64_t n) { return n / kPieces > 1 ? n / kPieces : 1; }
+
+// Below this many multiply-adds a call stays on one thread: waking a second thread costs
+// microseconds on an idle machine and up to a scheduler slice on an oversubscribed one, which
+// dwarfs a small layer's work (a 128x128 2:4 layer at batch 1 is 8k multiply-adds).
+constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
+SP_INLINE bool use_threads(int64_t macs) { return macs >= kMinParallelMacs; }
+
+template <DType DT> SP_INLINE void put(const LinearProblem& p, int64_t b, int64_t n, float v) {
+  if (p.bias) v += lds<DT>(static_cast<const T_<DT>*>(p.bias) + n);
+  sts<DT>(static_cast<T_<DT>*>(p.y) + b * p.N + n, v);
+}
+
+// Writes part[r][j] (r < nr rows from n0, j < nb batch rows from b0; row stride ld) with bias, rounded once.
+template <DType DT>
+void finalize(const LinearProblem& p, const float* part, int64_t n0, int64_t nr, int64_t b0, int64_t nb,
+              int64_t ld = BT) {
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t r = 0; r < nr; ++r) put<DT>(p, b0 + j, n0 + r, part[r * ld + j]);
+}
+
 // 64-byte aligned scratch (aligned rows keep the tile loads on one cache line each).
 struct Scratch {
   float* p = nullptr;

@@ -1,8 +1,10 @@
 // Torch-free CPU kernel interface. kernels_isa.cpp is compiled once per ISA level (generic, AVX2,
-// AVX-512, AVX-512+BF16) into its own namespace; dispatch.cpp picks one at run time. The torch-facing files
-// (semi24_linear.cpp, ...) check tensors and call these.
+// AVX-512, AVX-512+BF16) into its own namespace, amx_kernels.cpp (bf16 on AMX tiles) twice: for real
+// tiles (namespace amx) and on an emulation of them (amx_emu, for tests); dispatch.cpp picks one at run
+// time. The torch-facing files (semi24_linear.cpp, ...) check tensors and call these.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 
 namespace sparseprune::cpu {
 
@@ -32,7 +34,28 @@ void bsr_linear(const LinearProblem& p, const void* values, const int32_t* crow,
 void hybrid_linear(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
                    const int32_t* col, int64_t bh, int64_t bw);
 
-// Name of the ISA level in use: "avx512bf16", "avx512", "avx2" or "generic".
+// A batch-size knob from the environment, read per call (tests and benchmarks switch it between calls):
+// a positive integer, else dflt. SPARSEPRUNE_AMX_MIN_BATCH (dispatch.cpp), SPARSEPRUNE_GEMV_MAX_BATCH
+// (kernels_isa.cpp) move the switch points between kernel paths, to measure them on another CPU.
+inline int64_t env_batch(const char* name, int64_t dflt) {
+  if (const char* s = std::getenv(name)) {
+    char* end = nullptr;
+    const long long v = std::strtoll(s, &end, 10);
+    if (end != s && *end == '\0' && v >= 1) return v;
+  }
+  return dflt;
+}
+
+// Name of the ISA level in use: "amx", "avx512bf16", "avx512", "avx2" or "generic"; "amx_emulated" when
+// SPARSEPRUNE_CPU_ISA asks for the AMX kernels on emulated tiles.
 const char* active_isa_name();
+
+// Why the amx level is or is not available here, e.g. "enabled", "CPU lacks AMX-TILE/AMX-BF16" or the
+// OS refusing the tile state (Linux grants it per process on request).
+const char* amx_status();
+
+// TDPBF16PS instructions the emulated tiles have executed in this process (tests use it to see that a
+// call really ran on the tiles).
+uint64_t amx_emulated_dot_count();
 
 }  // namespace sparseprune::cpu

@@ -1,7 +1,8 @@
 // Compiled once per ISA level (SP_ISA = generic | avx2 | avx512 | avx512bf16, see CMakeLists.txt).
+// (bf16 on AMX tiles lives in amx_kernels.cpp; dispatch.cpp sends there what it takes.)
 //
 // Each op has two paths, chosen by batch size:
-//  * small B (kGemvMax*): GEMV. Weights are streamed once per group of up to 4 x rows (memory-bound).
+//  * small B (gemv_max_*): GEMV. Weights are streamed once; each row runs against groups of up to 4 x rows.
 //  * otherwise: tiled. x is transposed into xT[K][BT] fp32 tiles (shared by the threads, up to 8
 //    tiles at a time); pieces of output rows are handed out dynamically and run all those tiles.
 // All sums are fp32; every output is rounded once to the dtype. At avx512bf16 the bf16 tiled path
@@ -20,36 +21,38 @@ namespace sparseprune::cpu::SP_ISA {
 
 namespace {
 
-// Largest batch served by the GEMV path, measured on Zen 4 (1 thread, 4096x4096 fp32): the tiled
-// path costs about the same from B=1 to 16 (per-weight overhead, 1 vector per x row), the GEMV
-// path grows with B. Crossover: semi24 and hybrid between 4 and 8, BSR between 2 and 4.
-// Re-measured for semi24 (fp32 and bf16 at avx512bf16, thread CPU time): tiled ~6.0 ms (fp32) flat
-// over B = 4..16, GEMV 5.9-6.3 ms at B = 4 and 7.2 / 8.8 / 14.8 ms at B = 5 / 8 / 16, so 4 stays.
-// The GEMV rows of x (16 KB each in fp32) do not fit L1 four at a time, so B >= 2 streams x from L2
-// per weight row; a K-blocked GEMV would be the way to make B = 5..16 cheaper (not done).
-constexpr int64_t kGemvMaxSemi = 4;
-constexpr int64_t kGemvMaxBsr = 2;
+// Largest batch served by the GEMV path (below: the tiled path); 1 thread, 4096x4096, thread CPU time.
+// AVX-512, measured on Zen 4: the tiled path costs about the same from B=1 to 16 (per-weight overhead,
+// 1 vector per x row), the GEMV grows with B; crossover semi24 and hybrid between 4 and 8, BSR between 2
+// and 4 (semi24 re-measured, fp32 and bf16: tiled ~6.0 ms flat over B = 4..16, GEMV 5.9-6.3 ms at B = 4).
+// AVX2, measured on Zen 3 (tiled time / GEMV time, > 1: the GEMV is faster): the tiled path has half
+// the lanes and widens 16-bit weights block by block, so the GEMV wins longer: semi24 fp32 1.34 / 1.02 /
+// 0.88 at B = 5 / 8-9 / 10, bf16 1.97 / 1.52 / 1.22 / 1.13 / 0.96 at B = 5 / 8 / 12 / 13 / 14; BSR 10%
+// fp32 1.30 / 1.01 / 0.77 at B = 3 / 5 / 8, bf16 3.0 / 1.37 / 1.05 / 0.92 at B = 3 / 8 / 12 / 16; hybrid
+// 25% fp32 1.24-1.55 / 0.91 at B = 3-4 / 5, bf16 1.22-1.33 / 1.08 / 0.86-1.01 at B = 5 / 6 / 8.
+template <DType DT> constexpr int64_t gemv_max_semi() {
+  if constexpr (VW == 8) return DT == DType::F32 ? 8 : 12;
+  return 4;
+}
+template <DType DT> constexpr int64_t gemv_max_bsr() {
+  if constexpr (VW == 8) return DT == DType::F32 ? 4 : 12;
+  return 2;
+}
+template <DType DT> constexpr int64_t gemv_max_hybrid() {
+  if constexpr (VW == 8) return DT == DType::F32 ? 4 : 6;
+  return 4;
+}
+// SPARSEPRUNE_GEMV_MAX_BATCH=<n> replaces all three limits (to measure the crossover on another CPU).
+SP_INLINE int64_t gemv_limit(int64_t dflt) { return env_batch("SPARSEPRUNE_GEMV_MAX_BATCH", dflt); }
 constexpr int NBG = 4;  // x rows per GEMV pass: weights re-read (from L1/L2) once per 4 rows
 
 // Semi24 tiled: rows in chunks of kRowChunk and K in tiles of kKTile. The xT sub-tile
-// (kKTile x BT fp32 = 16 KB on AVX-512) stays in the 32 KB L1d for all rows of the chunk; the
-// chunk's partial sums (32 KB) live in L2. Big chunks mean xT (1 MB at K=4096) is streamed from
-// L3 only N/kRowChunk times per batch tile; N/128 chunks are still enough pieces to balance.
+// (kKTile x BT fp32 = 16 KB: 64 inputs on AVX-512, 128 on AVX2) stays in the 32 KB L1d for all rows of
+// the chunk; the chunk's partial sums (32 KB) live in L2. Big chunks mean xT (1 MB at K=4096) is streamed
+// from L3 only N/kRowChunk times per batch tile; N/128 chunks are still enough pieces to balance.
+// (AVX2 had 64 inputs = 8 KB too: 128 made it 1.17-1.48x faster at B = 13..128, Zen 3; 256 and 512 less.)
 constexpr int64_t kRowChunk = 128;
-constexpr int64_t kKTile = 64;
-
-template <DType DT> using T_ = typename St<DT>::T;
-
-// Work is handed out dynamically in about this many pieces: on a shared machine a thread may lose
-// its core for a whole scheduler slice, and static splits would then make the others wait for it.
-constexpr int64_t kPieces = 64;
-SP_INLINE int64_t piece(int64_t n) { return std::max<int64_t>(1, n / kPieces); }
-
-// Below this many multiply-adds a call stays on one thread: waking a second thread costs
-// microseconds on an idle machine and up to a scheduler slice on an oversubscribed one, which
-// dwarfs a small layer's work (a 128x128 2:4 layer at batch 1 is 8k multiply-adds).
-constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
-SP_INLINE bool use_threads(int64_t macs) { return macs >= kMinParallelMacs; }
+constexpr int64_t kKTile = 4096 / BT;
 
 // x rows as fp32 for the GEMV path (x itself when it already is fp32).
 template <DType DT> const float* x_as_f32(const LinearProblem& p, Scratch& buf) {
@@ -62,11 +65,6 @@ template <DType DT> const float* x_as_f32(const LinearProblem& p, Scratch& buf) 
     for (int64_t i = 0; i < n; i += 4096) to_f32<DT>(x + i, std::min<int64_t>(4096, n - i), buf.p + i);
     return buf.p;
   }
-}
-
-template <DType DT> SP_INLINE void put(const LinearProblem& p, int64_t b, int64_t n, float v) {
-  if (p.bias) v += lds<DT>(static_cast<const T_<DT>*>(p.bias) + n);
-  sts<DT>(static_cast<T_<DT>*>(p.y) + b * p.N + n, v);
 }
 
 // Transposes batch tiles [t0, t0 + ntile) of x into xT (tile t at xT + (t - t0) * K * BT, rows
@@ -95,13 +93,6 @@ template <DType DT> void transpose_tiles(const LinearProblem& p, int64_t t0, int
 // then runs all of them, so its weights are reused from L2 and threads meet once per 8 tiles.
 constexpr int64_t kSuperTiles = 8;
 
-// Writes part[r][j] (r < nr rows from n0, j < nb batch rows from b0) with bias, rounded once.
-template <DType DT>
-void finalize(const LinearProblem& p, const float* part, int64_t n0, int64_t nr, int64_t b0, int64_t nb) {
-  for (int64_t j = 0; j < nb; ++j)
-    for (int64_t r = 0; r < nr; ++r) put<DT>(p, b0 + j, n0 + r, part[r * BT + j]);
-}
-
 #define SP_NV_SWITCH(nv, call) \
   switch (nv) {                \
     case 1: call(1); break;    \
@@ -111,6 +102,10 @@ void finalize(const LinearProblem& p, const float* part, int64_t n0, int64_t nr,
   }
 
 // ================================================================== semi24
+// GEMV: each weight row runs against every group of NBG x rows while it is in L1/L2, so weights come
+// from DRAM once. (x rows, 16 KB each in fp32 at K = 4096, come from L2 when B >= 2. K-blocking them into
+// L1 was tried on Zen 3: 16 rows x 1-2 KB tiles made 32 short interleaved streams that the prefetchers
+// served worse, 1.3-1.5x slower at every B.)
 template <int NB, DType DT>
 void semi24_gemv_row(const LinearProblem& p, const T_<DT>* w, const uint8_t* m, const float* xf, int64_t n,
                      int64_t b0) {
@@ -347,7 +342,7 @@ void semi24_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uin
 
 template <DType DT> void semi24_impl(const LinearProblem& p, const void* values, const uint8_t* meta, int64_t ms) {
   const T_<DT>* v = static_cast<const T_<DT>*>(values);
-  if (p.B <= kGemvMaxSemi) semi24_gemv<DT>(p, v, meta, ms);
+  if (p.B <= gemv_limit(gemv_max_semi<DT>())) semi24_gemv<DT>(p, v, meta, ms);
 #if defined(__AVX512BF16__)
   else if constexpr (DT == DType::BF16) semi24_tiled_bf16(p, v, meta, ms);
 #endif
@@ -536,7 +531,8 @@ template <bool SEMI, DType DT>
 void block_impl(const LinearProblem& p, const void* values, const uint8_t* meta, const int32_t* crow,
                 const int32_t* col, int64_t bh, int64_t bw) {
   const T_<DT>* v = static_cast<const T_<DT>*>(values);
-  if (p.B <= (SEMI ? kGemvMaxSemi : kGemvMaxBsr)) block_gemv<SEMI, DT>(p, v, meta, crow, col, bh, bw);
+  if (p.B <= gemv_limit(SEMI ? gemv_max_hybrid<DT>() : gemv_max_bsr<DT>()))
+    block_gemv<SEMI, DT>(p, v, meta, crow, col, bh, bw);
 #if defined(__AVX512BF16__)
   else if constexpr (DT == DType::BF16) {
     if (SEMI || bw % 2 == 0) block_tiled_bf16<SEMI>(p, v, meta, crow, col, bh, bw);
