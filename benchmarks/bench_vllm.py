@@ -13,14 +13,15 @@ reports per variant the median output tokens/s at batch 1 and at a batch of conc
 
 ``--profile`` adds, per variant, where one batch-1 generation spends its time (torch.profiler):
 our sparse ops, dense GEMMs, attention, and everything else (vLLM's scheduling, sampling, Python).
-Writes ``vllm-<cpu>.md`` (overwritten) and appends rows to ``vllm-<cpu>.csv`` with the CPU name,
-versions, date and load average. Built models are cached under ``<out>/vllm-models``.
+Writes ``vllm.md`` (overwritten), appends rows to ``vllm.csv`` and writes ``vllm.json``, by default in
+``benchmarks/results/<machine label>/``, every row with the machine's metadata (sparseprune.bench.machine:
+CPU model, family/model, ISA level, cores, load before/after, versions, date). Built models are cached
+under ``build/bench-cache/vllm-models`` (``--cache``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -190,7 +191,9 @@ def main(argv=None):
     ap.add_argument("--eager", action="store_true", help="no torch.compile in vLLM (faster start)")
     ap.add_argument("--profile", action="store_true", help="also break one batch-1 generation down by op group")
     ap.add_argument("--verbose", action="store_true", help="show the engines' logs")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "local"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/<machine label>")
+    ap.add_argument("--cache", default=os.path.join(os.path.dirname(__file__), "..", "build", "bench-cache"),
+                    help="where the built models are kept")
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # internal: run as an engine worker
     ap.add_argument("--build", default=None, help=argparse.SUPPRESS)  # internal: write one variant ...
     ap.add_argument("--to", default=None, help=argparse.SUPPRESS)  # ... to this directory
@@ -205,13 +208,15 @@ def main(argv=None):
     if "dense" not in variants:
         variants.insert(0, "dense")
 
-    from sparseprune._device import cpu_name
+    from sparseprune.bench import machine
 
+    meta = machine.run_metadata("cpu", dtype=args.dtype, weights="cold")  # load average as the run starts
+    args.out = args.out or machine.default_results_dir("cpu")
     shape = f"h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}-{args.dtype}-{args.backend}"
     os.makedirs(args.out, exist_ok=True)
     paths = {}
     for v in variants:
-        paths[v] = os.path.join(args.out, "vllm-models", shape, re.sub(r"[^a-z0-9]+", "-", v.lower()).strip("-"))
+        paths[v] = os.path.join(args.cache, "vllm-models", shape, re.sub(r"[^a-z0-9]+", "-", v.lower()).strip("-"))
         if not os.path.isfile(os.path.join(paths[v], "config.json")):
             print(f"building {v} ({shape}) ...", flush=True)
             t0 = time.time()
@@ -251,24 +256,24 @@ def main(argv=None):
     import sparseprune
     from sparseprune.bench.speed import write_csv
 
-    load = os.getloadavg()[0]
-    date = datetime.datetime.now().isoformat(timespec="seconds")
-    cpu = cpu_name()
+    meta = machine.finish(meta)
+    load = meta["loadavg_after"]
     rows = []
     for v in variants:
         for b in (1, args.batch):
             ratio = statistics.median(s / d for s, d in zip(tps[(v, b)], tps[("dense", b)]))
             cpu_ratio = statistics.median(s / d for s, d in zip(cpu_tps[(v, b)], cpu_tps[("dense", b)]))
-            rows.append({"date": date, "cpu": cpu, "cpus": args.cpus, "load": f"{load:.2f}", "torch": torch.__version__,
-                         "vllm": vllm.__version__, "sparseprune": sparseprune.__version__, "model": shape,
+            rows.append({**meta, "engine_cpus": args.cpus, "vllm": vllm.__version__, "model": shape,
                          "eager": args.eager, "variant": v, "batch": b, "tokens_per_s": f"{statistics.median(tps[(v, b)]):.2f}",
                          "vs_dense": f"{ratio:.2f}", "tokens_per_cpu_s": f"{statistics.median(cpu_tps[(v, b)]):.2f}",
                          "vs_dense_cpu_time": f"{cpu_ratio:.2f}", "rounds": args.rounds})
-    tag = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")[:40]
-    csv_path = os.path.join(args.out, f"vllm-{tag}.csv")
+    csv_path = os.path.join(args.out, "vllm.csv")
     write_csv(rows, csv_path)
-    lines = [f"# vLLM offline throughput, {cpu}", "",
-             f"{date}; model {shape} (random weights); cores {args.cpus}; load average {load:.2f}; torch "
+    machine.write_metadata(os.path.join(args.out, "vllm.json"), meta, vllm=vllm.__version__, model=shape,
+                           rounds=args.rounds, batch=args.batch, eager=args.eager)
+    date = meta["date"]
+    lines = [f"# vLLM offline throughput, {machine.describe(meta)}", "",
+             f"{date}; model {shape} (random weights); cores {args.cpus}; load average {meta['loadavg_before']} -> {load}; torch "
              f"{torch.__version__}, vLLM {vllm.__version__}, sparseprune {sparseprune.__version__}; "
              f"{'eager' if args.eager else 'torch.compile'}; {args.prompt} prompt + {args.tokens} output tokens per "
              f"request; medians of {args.rounds} interleaved rounds. 'By CPU time': tokens per CPU-second of "
@@ -285,7 +290,7 @@ def main(argv=None):
                   "| variant | " + " | ".join(groups) + " |", "| --- |" + " --- |" * len(groups)]
         for v, p in prof.items():
             lines.append(f"| {v} | " + " | ".join(f"{p[g]:.2f}" for g in groups) + " |")
-    md_path = os.path.join(args.out, f"vllm-{tag}.md")
+    md_path = os.path.join(args.out, "vllm.md")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
