@@ -139,6 +139,25 @@ def test_bf16_super_tiles(isa, kind):
     _check_batches(kind, packed, wd, 256, torch.bfloat16, batches=[257, 300, 577])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("kind", ["semi24", "bsr", "hybrid"])
+def test_tile_splits_few_rows_many_batch_tiles(isa, kind, dtype):
+    """Few row pieces per thread (an im2col'd conv: N = 40, thousands of patches): the tiled drivers hand
+    out (piece, batch tile) pairs and widen super-tiles by 4096 / K; at K = 4096 a batch of 600 still
+    spans several super-tiles. With 1 thread and many pieces the usual split runs on the same shapes."""
+    old = torch.get_num_threads()
+    try:
+        for threads, n in ((2, 40), (3, 40), (1, 544)):
+            torch.set_num_threads(threads)
+            packed, wd = random_weight(kind, n, 4096 if n < 100 else 512, dtype, block=(8, 32), density=0.25)
+            _check_batches(kind, packed, wd, wd.shape[1], dtype, batches=[600] if n < 100 else [300])
+        torch.set_num_threads(2)
+        packed, wd = random_weight(kind, 64, 40, dtype, block=(8, 8), density=0.5)
+        _check_batches(kind, packed, wd, 40, dtype, batches=[3000])  # K = 40: super-tiles of 8 * 4096 / 40 tiles
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("kind", ["semi24", "bsr", "hybrid"])
 def test_nan_and_inf_in_x_propagate(isa, kind):
     """A NaN (or Inf) input reaches exactly the outputs whose stored weights touch that input."""

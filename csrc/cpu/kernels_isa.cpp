@@ -80,7 +80,25 @@ template <DType DT> void transpose_tiles(const LinearProblem& p, int64_t t0, int
     const int64_t t = u / nkb, kb = (u % nkb) * KB, ke = std::min(K, kb + KB);
     const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nvw = (nb + VW - 1) / VW * VW;
     float* xt = xT + t * K * BT;
-    for (int64_t j = 0; j < nb; ++j) {
+    int64_t j = 0;
+#if defined(__AVX2__)
+    // Whole 8 x 8 blocks go through registers. The element-by-element copy below cost about 3 cycles
+    // an element; with few output rows to share it (an im2col'd conv: N = 64, K = 576) it was half of
+    // the kernel's time, and at N = 4 all of it.
+    for (; j + 8 <= nb; j += 8) {
+      const T_<DT>* xr = x + (b0 + j) * K;
+      int64_t k = kb;
+      for (; k + 8 <= ke; k += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = ld8<DT>(xr + i * K + k);
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(xt + (k + i) * BT + j, r[i]);
+      }
+      for (; k < ke; ++k)
+        for (int i = 0; i < 8; ++i) xt[k * BT + j + i] = lds<DT>(xr + i * K + k);
+    }
+#endif
+    for (; j < nb; ++j) {
       const T_<DT>* xr = x + (b0 + j) * K;
       for (int64_t k = kb; k < ke; ++k) xt[k * BT + j] = lds<DT>(xr + k);
     }
@@ -92,6 +110,27 @@ template <DType DT> void transpose_tiles(const LinearProblem& p, int64_t t0, int
 // Batch tiles transposed per synchronisation (8 x K x BT fp32 = 8 MB at K=4096): each work piece
 // then runs all of them, so its weights are reused from L2 and threads meet once per 8 tiles.
 constexpr int64_t kSuperTiles = 8;
+
+// How the tiled drivers hand out work. Normally each row piece (a chunk of rows, or a block row) runs
+// every batch tile of a super-tile, so its weights are reused from L2. With fewer than two pieces per
+// thread that leaves threads idle: the im2col'd GEMMs of convolutions have few output rows and many
+// patches (ResNet-50 layer1 at batch 16: N = 64, B = 50176, one 128-row chunk: one busy thread). Then
+// (piece, batch tile) pairs are handed out, and a super-tile holds more batch tiles (the bytes of
+// base_st tiles at K = 4096, so no more memory than a wide layer uses) to meet less often.
+struct TileSplit {
+  bool pairs;
+  int64_t st;  // batch tiles per super-tile
+  int64_t items(int64_t pieces, int64_t nth) const { return pairs ? pieces * nth : pieces; }
+  int64_t piece_of(int64_t it, int64_t nth) const { return pairs ? it / nth : it; }
+  int64_t first_tile(int64_t it, int64_t nth) const { return pairs ? it % nth : 0; }
+  int64_t end_tile(int64_t it, int64_t nth) const { return pairs ? it % nth + 1 : nth; }
+};
+
+TileSplit tile_split(int64_t pieces, int64_t ntiles, int64_t K, int64_t base_st) {
+  const bool pairs = pieces < 2 * int64_t(omp_get_max_threads());
+  const int64_t st = pairs ? std::max(base_st, base_st * 4096 / std::max<int64_t>(K, 1)) : base_st;
+  return {pairs, std::min(st, ntiles)};
+}
 
 #define SP_NV_SWITCH(nv, call) \
   switch (nv) {                \
@@ -145,8 +184,9 @@ template <int NV> void semi_rows(const float* const* w, const uint8_t* const* m,
 template <DType DT>
 void semi24_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* meta, int64_t ms) {
   const int64_t K = p.K, N = p.N, G = K / 4;
-  const int64_t ntiles = (p.B + BT - 1) / BT, st = std::min(kSuperTiles, ntiles);
-  const int64_t nchunks = (N + kRowChunk - 1) / kRowChunk;
+  const int64_t ntiles = (p.B + BT - 1) / BT, nchunks = (N + kRowChunk - 1) / kRowChunk;
+  const TileSplit sp = tile_split(nchunks, ntiles, K, kSuperTiles);
+  const int64_t st = sp.st;
   Scratch xT(st * K * BT);
 #pragma omp parallel if (use_threads(p.B * N * (K / 2)))
   {
@@ -158,9 +198,9 @@ void semi24_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* m
       const int64_t nth = std::min(st, ntiles - t0);
       transpose_tiles<DT>(p, t0, nth, xT.p);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t c = 0; c < nchunks; ++c) {
-        const int64_t c0 = c * kRowChunk, nr = std::min(kRowChunk, N - c0);
-        for (int64_t t = 0; t < nth; ++t) {
+      for (int64_t it = 0; it < sp.items(nchunks, nth); ++it) {
+        const int64_t c0 = sp.piece_of(it, nth) * kRowChunk, nr = std::min(kRowChunk, N - c0);
+        for (int64_t t = sp.first_tile(it, nth); t < sp.end_tile(it, nth); ++t) {
           const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
           const float* xtile = xT.p + t * K * BT;
           std::memset(part.p, 0, sizeof(float) * kRowChunk * BT);
@@ -283,8 +323,9 @@ constexpr int64_t kSemiGBf16 = SP_SEMI_G_BF16;
 
 void semi24_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uint8_t* meta, int64_t ms) {
   const int64_t K = p.K, N = p.N, G = K / 4;
-  const int64_t ntiles = (p.B + BT - 1) / BT, st = std::min(kSuperTilesBf16, ntiles);
-  const int64_t nchunks = (N + kRowChunk - 1) / kRowChunk, tsz = G * kCombos * BT;
+  const int64_t ntiles = (p.B + BT - 1) / BT, nchunks = (N + kRowChunk - 1) / kRowChunk;
+  const TileSplit sp = tile_split(nchunks, ntiles, K, kSuperTilesBf16);
+  const int64_t st = sp.st, tsz = G * kCombos * BT;
   Scratch xC(st * tsz);
   uint32_t* xc = reinterpret_cast<uint32_t*>(xC.p);
 #pragma omp parallel if (use_threads(p.B * N * (K / 2)))
@@ -297,9 +338,9 @@ void semi24_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uin
       const int64_t nth = std::min(st, ntiles - t0);
       combo_tiles(p, t0, nth, xc);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t c = 0; c < nchunks; ++c) {
-        const int64_t c0 = c * kRowChunk, nr = std::min(kRowChunk, N - c0);
-        for (int64_t t = 0; t < nth; ++t) {
+      for (int64_t it = 0; it < sp.items(nchunks, nth); ++it) {
+        const int64_t c0 = sp.piece_of(it, nth) * kRowChunk, nr = std::min(kRowChunk, N - c0);
+        for (int64_t t = sp.first_tile(it, nth); t < sp.end_tile(it, nth); ++t) {
           const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
           std::memset(part.p, 0, sizeof(float) * kRowChunk * BT);
           for (int64_t g0 = 0; g0 < G; g0 += kSemiGBf16) {
@@ -413,7 +454,9 @@ void block_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* me
                  const int32_t* col, int64_t bh, int64_t bw) {
   const int64_t nbr = p.N / bh;
   const int64_t wlen = SEMI ? bh * (bw / 2) : bh * bw;  // stored values per block
-  const int64_t K = p.K, ntiles = (p.B + BT - 1) / BT, st = std::min(kSuperTiles, ntiles), chunk = piece(nbr);
+  const int64_t K = p.K, ntiles = (p.B + BT - 1) / BT;
+  const TileSplit sp = tile_split(nbr, ntiles, K, kSuperTiles);
+  const int64_t st = sp.st, chunk = sp.pairs ? 1 : piece(nbr);
   Scratch xT(st * K * BT);
 #pragma omp parallel if (use_threads(p.B * crow[nbr] * wlen))
   {
@@ -425,8 +468,9 @@ void block_tiled(const LinearProblem& p, const T_<DT>* values, const uint8_t* me
       const int64_t nth = std::min(st, ntiles - t0);
       transpose_tiles<DT>(p, t0, nth, xT.p);
 #pragma omp for schedule(dynamic, chunk)
-      for (int64_t br = 0; br < nbr; ++br) {
-        for (int64_t t = 0; t < nth; ++t) {
+      for (int64_t it = 0; it < sp.items(nbr, nth); ++it) {
+        const int64_t br = sp.piece_of(it, nth);
+        for (int64_t t = sp.first_tile(it, nth); t < sp.end_tile(it, nth); ++t) {
           const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
           const float* xtile = xT.p + t * K * BT;
           std::memset(part.p, 0, sizeof(float) * bh * BT);
@@ -474,8 +518,9 @@ void block_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uint
                       const int32_t* col, int64_t bh, int64_t bw) {
   const int64_t nbr = p.N / bh;
   const int64_t wlen = SEMI ? bh * (bw / 2) : bh * bw;
-  const int64_t K = p.K, G = K / 4, ntiles = (p.B + BT - 1) / BT, chunk = piece(nbr);
-  const int64_t st = std::min(SEMI ? kSuperTilesBf16 : kSuperTiles, ntiles);
+  const int64_t K = p.K, G = K / 4, ntiles = (p.B + BT - 1) / BT;
+  const TileSplit sp = tile_split(nbr, ntiles, K, SEMI ? kSuperTilesBf16 : kSuperTiles);
+  const int64_t st = sp.st, chunk = sp.pairs ? 1 : piece(nbr);
   const int64_t tsz = SEMI ? (K / 4) * kCombos * BT : (K / 2) * BT;
   Scratch xT(st * tsz);
   uint32_t* xt = reinterpret_cast<uint32_t*>(xT.p);
@@ -490,8 +535,9 @@ void block_tiled_bf16(const LinearProblem& p, const uint16_t* values, const uint
       if constexpr (SEMI) combo_tiles(p, t0, nth, xt);
       else pair_tiles(p, t0, nth, xt);
 #pragma omp for schedule(dynamic, chunk)
-      for (int64_t br = 0; br < nbr; ++br) {
-        for (int64_t t = 0; t < nth; ++t) {
+      for (int64_t it = 0; it < sp.items(nbr, nth); ++it) {
+        const int64_t br = sp.piece_of(it, nth);
+        for (int64_t t = sp.first_tile(it, nth); t < sp.end_tile(it, nth); ++t) {
           const int64_t b0 = (t0 + t) * BT, nb = std::min<int64_t>(BT, p.B - b0), nv = (nb + VW - 1) / VW;
           const uint32_t* xtile = xt + t * tsz;
           std::memset(part.p, 0, sizeof(float) * bh * BT);
