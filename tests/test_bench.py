@@ -445,19 +445,43 @@ def test_models_explicit_variant_is_our_modules_on_cpu(model):
             model_speed.check_variant(bench, style, ours, refs)
 
 
-@pytest.mark.parametrize("style", ["2:4", "block32 90%", "channel 50%"])
-def test_models_wrong_result_is_refused_not_timed(style):
+@pytest.mark.parametrize("bug", ["off", "nan"])
+@pytest.mark.parametrize("style", ["2:4", "block32 90%", "hybrid 87.5%"])
+def test_models_wrong_kernel_is_refused_not_timed(style, bug, monkeypatch):
+    from sparseprune import backends
+
     bench = _tiny_llama_bench()
     st = model_speed.resolve_styles([style])[0]
     with torch.no_grad():
         refs = model_speed.reference_outputs(bench, st)
         v = model_speed.build_variants(bench, st, ["cpu"])[0]
-        model_speed.check_variant(bench, st, v, refs)  # intact: passes
+        model_speed.check_variant(bench, st, v, refs)  # the real kernels: pass
+        right = backends.CpuBackend.forward
+
+        def wrong(self, module, x):  # one output feature off (or unwritten: NaN) in every call
+            y = right(self, module, x)
+            y[..., 0] = float("nan") if bug == "nan" else y[..., 0] + 0.05
+            return y
+
+        monkeypatch.setattr(backends.CpuBackend, "forward", wrong)
+        with pytest.raises(RuntimeError, match="wrong result.*refusing to time"):
+            model_speed.check_variant(bench, st, v, refs)
+
+
+@pytest.mark.parametrize("style", ["2:4", "channel 50%"])
+def test_models_corrupted_weight_is_refused_not_timed(style):
+    bench = _tiny_llama_bench()
+    st = model_speed.resolve_styles([style])[0]
+    with torch.no_grad():
+        refs = model_speed.reference_outputs(bench, st)
+        v = model_speed.build_variants(bench, st, ["cpu"])[0]
+        model_speed.check_variant(bench, st, v, refs)
+        down = v.model.get_submodule("model.layers.0.mlp.down_proj")  # feeds the residual stream directly
         if st.kernels:  # a real kernel on a corrupted packed weight: a wrong answer, not a crash
-            mod = next(m for m in v.model.modules() if isinstance(m, model_speed.PackedModule))
-            mod.values[3].neg_()
+            assert isinstance(down, model_speed.PackedModule)
+            down.values[0].neg_()
         else:  # a shrunk layer that lost a weight
-            v.model.model.layers[0].mlp.down_proj.weight[:, 0].mul_(-3)
+            down.weight[:, 0].mul_(-3)
         with pytest.raises(RuntimeError, match="wrong result.*refusing to time"):
             model_speed.check_variant(bench, st, v, refs)
 
