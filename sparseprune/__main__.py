@@ -5,7 +5,8 @@ Results go to ``benchmarks/results/<machine label>/`` (``--out`` overrides), e.g
 ``cpu-epyc-zen3-2core``: one folder per kind of machine, so figures from different CPUs never mix.
 
 To add a mode: write ``_<mode>(args, out)`` below, list it in ``MODES`` (flag name and help) and,
-if it has options of its own, add them in an argument group in ``_add_<mode>_options``.
+if it has options of its own, add them in an argument group in ``_add_<mode>_options``. A mode
+flag may take a value (``MODE_ARGS``): ``--models`` alone runs every model, ``--models llama`` one.
 """
 
 from __future__ import annotations
@@ -29,14 +30,55 @@ def _weights(text: str) -> list[str]:
     return modes
 
 
+def _model_names(text: str) -> list[str]:
+    from .bench.model_speed import MODELS
+
+    names = _csv(text)
+    bad = [n for n in names if n not in MODELS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {bad or text!r}; known: {', '.join(MODELS)}")
+    return names
+
+
+def _style_names(text: str) -> list[str]:
+    from .bench.model_speed import resolve_styles
+
+    try:
+        return [s.label for s in resolve_styles(_csv(text))]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = _ints(text)
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _add_speed_options(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("speed (the default mode)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default fp32 on CPU, fp16 on CUDA")
+    g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="default fp32 on CPU, fp16 on CUDA (also for --models)")
     g.add_argument("--weights", default="hot,cold", type=_weights,
                    help="hot (one weight, called again and again), cold (rotate through distinct copies so every "
                         "call streams its weight from memory), or hot,cold (the default)")
     g.add_argument("--backends", default=None, type=_csv,
-                   help="backends for the 'ours' rows, named explicitly (default: cpu on CPU; cuda,triton on CUDA)")
+                   help="backends for the 'ours' rows, named explicitly (default: cpu on CPU; cuda,triton on CUDA; "
+                        "also for --models)")
     g.add_argument("--auto-cases", default=None, type=_csv,
                    help="cases that also get a backend='auto' row (default 2:4, hybrid 87.5%%; "
                         "'none' for no auto rows)")
@@ -45,10 +87,24 @@ def _add_speed_options(ap: argparse.ArgumentParser) -> None:
                    help="pattern cases, comma-separated (e.g. '2:4,block32 90%%,torch-bsr32 50%%')")
     g.add_argument("--batches", default=None, type=_ints, help="batch sizes (hot, and cold unless --cold-batches)")
     g.add_argument("--cold-batches", default=None, type=_ints, help="batch sizes for cold weights")
-    g.add_argument("--budget", default=None, type=float, help="seconds of timing per configuration")
+    g.add_argument("--budget", default=None, type=float,
+                   help="seconds of timing per configuration (also for --models: rounds of short calls fill it)")
     g.add_argument("--llc-mb", default=None, type=float,
                    help="last-level cache size to size the cold copies from (default: read from sysfs/lscpu)")
     g.add_argument("--cold-max-mb", default=None, type=float, help="memory cap for the cold copies")
+
+
+def _add_models_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("whole models (--models [llama,resnet50]; --dtype, --budget and --quick apply too)")
+    g.add_argument("--styles", default=None, type=_style_names,
+                   help="styles, comma-separated (default all: '2:4,block32 75%%,block32 90%%,hybrid 87.5%%,"
+                        "channel 25%%,channel 50%%')")
+    g.add_argument("--decode-batches", default=None, type=_positive_ints,
+                   help="Llama decode batch sizes (default 1,8)")
+    g.add_argument("--image-batches", default=None, type=_positive_ints,
+                   help="ResNet-50 batch sizes (default 1,32)")
+    g.add_argument("--rounds", default=None, type=_positive_int,
+                   help="interleaved rounds per comparison, at least (default 5; --quick 3)")
 
 
 def _speed(args, out) -> int:
@@ -71,9 +127,26 @@ def _accuracy(args, out) -> int:
     return 0
 
 
+def _models(args, out) -> int:
+    from .bench import model_speed
+
+    dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    model_speed.run(out, quick=args.quick, device=args.device, dtype=dtype, models=args.models, styles=args.styles,
+                    decode_batches=args.decode_batches, image_batches=args.image_batches, rounds=args.rounds,
+                    budget_s=args.budget, backends=args.backends)
+    return 0
+
+
 # flag -> (runner, help). The speed benchmark runs when no mode flag is given.
 MODES = {
     "accuracy": (_accuracy, "run the accuracy study (accuracy vs speedup of every pruning style) instead"),
+    "models": (_models, "time complete models end to end instead (a Llama-shaped decoder: prefill and decode "
+                        "tokens/s; ResNet-50: images/s), dense vs every style; optionally which models, "
+                        "comma-separated (llama, resnet50; default both)"),
+}
+# Mode flags that take a value (argparse keywords); the others are plain switches.
+MODE_ARGS = {
+    "models": dict(nargs="?", const=["llama", "resnet50"], default=None, type=_model_names, metavar="MODELS"),
 }
 
 
@@ -92,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "not a terminal)")
     modes = b.add_mutually_exclusive_group()
     for name, (_, help_text) in MODES.items():
-        modes.add_argument(f"--{name}", action="store_true", help=help_text)
+        modes.add_argument(f"--{name}", help=help_text, **MODE_ARGS.get(name, dict(action="store_true")))
     _add_speed_options(b)
+    _add_models_options(b)
     return ap
 
 

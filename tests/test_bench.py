@@ -9,6 +9,7 @@ import csv
 import datetime
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -149,6 +150,16 @@ def test_rotation_calls_each_copy_in_turn():
     assert seen == [0, 1, 2, 0, 1, 2, 0] and len(rot) == 3
     with pytest.raises(ValueError):
         Rotation([])
+
+
+def test_compare_self_timed_uses_the_seconds_each_call_returns():
+    from sparseprune.bench.timing import compare
+
+    calls = []
+    r = compare(lambda: calls.append("d") or 0.02, {"a": lambda: calls.append("a") or 0.01}, "cpu", budget_s=0.05,
+                min_rounds=5, warmup=1, self_timed=True)["a"]
+    assert r["speedup"] == r["speedup_best"] == 2.0 and r["base_s"] == 0.02 and r["s"] == 0.01
+    assert r["rounds"] == 5 and calls == ["d", "a"] * 6  # one warm-up round, then 5 interleaved ones
 
 
 def test_compare_rounds():
@@ -328,3 +339,226 @@ def test_benchmark_scripts_record_the_same_metadata(tmp_path):
             _check_metadata(r)
         meta = json.loads(path.with_suffix(".json").read_text())
         assert keys <= set(meta)
+
+
+# --- sparseprune bench --models: whole models, dense vs every style ------------------------------------
+
+from sparseprune.bench import model_speed  # noqa: E402
+
+TINY_LLAMA = model_speed.LlamaSize(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=256,
+                                   prefill_tokens=16, prompt_tokens=4, new_tokens=4)
+TINY_RESNET = model_speed.ResNetSize(width=8, resolution=32)
+# (metric, batch) per model for the batches the fixture asks for
+TINY_METRICS = {"llama": {("prefill", 1), ("decode", 1), ("decode", 3)}, "resnet50": {("images", 1), ("images", 2)}}
+MODEL_ROWS = {("dense", "dense", "dense")} | {(s.label, impl, b) for s in model_speed.STYLES if s.kernels
+                                              for impl, b in (("ours", "cpu"), ("auto", "auto"))} | {
+    (s.label, "channel", "dense") for s in model_speed.STYLES if not s.kernels}
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def models_run(tmp_path_factory):
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("models")
+    rows = model_speed.run(str(out), quick=True, dtype="fp32", decode_batches=[1, 3], image_batches=[1, 2], rounds=2,
+                           budget_s=0.001, llama_size=TINY_LLAMA, resnet_size=TINY_RESNET, log=_quiet)
+    return out, rows
+
+
+def test_models_run_writes_every_row_and_file(models_run):
+    out, rows = models_run
+    for ext in ("csv", "txt", "json", "png"):
+        assert (out / f"models-fp32-quick.{ext}").stat().st_size > 0, ext
+    written = _rows(out / "models-fp32-quick.csv")
+    assert len(written) == len(rows)
+    got = {}
+    for r in written:
+        _check_metadata(r)
+        assert r["dtype"] == "fp32"
+        key = (r["model"], r["style"], r["impl"], r["backend"], r["metric"], int(r["batch"]))
+        assert key not in got, f"duplicate row {key}"
+        got[key] = r
+        for col in ("s_dense", "s_style", "rate_dense", "rate", "speedup", "speedup_best", "weights_mb"):
+            v = float(r[col])
+            assert math.isfinite(v) and v > 0, (key, col, r[col])
+        assert int(r["rounds"]) >= 2
+        # tiny models: far below the LLC, and the row says so
+        assert r["weights"] == ("cold" if float(r["weights_over_llc"]) > 2 else "hot") == "hot"
+    want = {(model, *row, metric, batch) for model, metrics in TINY_METRICS.items() for row in MODEL_ROWS
+            for metric, batch in metrics}
+    assert set(got) == want, (set(got) ^ want)
+    # decode rows count only the decode steps: batch * (new_tokens - 1) tokens per timed call
+    for r in written:
+        if r["metric"] == "decode":
+            assert float(r["rate"]) == pytest.approx(int(r["batch"]) * 3 / float(r["s_style"]), rel=1e-3)
+    meta = json.loads((out / "models-fp32-quick.json").read_text())
+    assert all(k in meta for k in REQUIRED if k != "weights") and meta["loadavg_after"] is not None
+    assert meta["grid"]["styles"] == [s.label for s in model_speed.STYLES] and meta["grid"]["backends"] == ["cpu"]
+    for model in TINY_METRICS:
+        info = meta["models"][model]
+        assert info["dense_bytes"] > 0 and info["params"] > 0
+        for name, v in info["variants"].items():
+            for check in v["checks"].values():
+                assert check["error"] <= check["allowed"], (model, name, check)
+    text = (out / "models-fp32-quick.txt").read_text()
+    assert "ours[cpu]" in text and " auto " in text and "dense modules" in text
+    assert _proc_cpuinfo_field("model name") in text
+
+
+def test_models_ours_rows_ran_our_kernels_auto_rows_say_how_many(models_run):
+    _, rows = models_run
+    for r in rows:
+        if r["impl"] == "ours":
+            # every converted layer ran the cpu backend (check_variant refuses otherwise); some were converted
+            assert r["layers_packed"] > 0 and r["layers_sparse"] == r["layers_packed"], r
+            assert r["backend_used"] == f"cpu:{r['layers_packed']}"
+        elif r["impl"] == "auto":
+            used = dict(kv.split(":") for kv in r["backend_used"].split(","))
+            assert set(used) <= {"cpu", "dense"} and sum(map(int, used.values())) == r["layers_packed"]
+            assert r["layers_sparse"] == int(used.get("cpu", 0))
+        else:  # dense and channel rows: ordinary modules only
+            assert r["layers_packed"] == 0 and r["layers_sparse"] == 0 and r["backend_used"] == "dense modules"
+        if r["impl"] == "channel":
+            assert r["weights_mb"] < r["dense_weights_mb"]
+    # some layers always stay dense: the LM head (excluded), ResNet's stem conv (3 input channels)
+    assert all(r["layers_packed"] < r["layers"] for r in rows)
+
+
+def _tiny_llama_bench(batches=(2,)):
+    pytest.importorskip("transformers")
+    return model_speed.build_llama(TINY_LLAMA, torch.float32, "cpu", list(batches))
+
+
+@pytest.mark.parametrize("model", ["llama", "resnet50"])
+def test_models_explicit_variant_is_our_modules_on_cpu(model):
+    if model == "llama":
+        bench, cls = _tiny_llama_bench(), sparseprune.SparseLinear
+    else:
+        bench = model_speed.build_resnet50(TINY_RESNET, torch.float32, "cpu", [2])
+        cls = sparseprune.SparseConv2d
+    style = model_speed.resolve_styles(["2:4"])[0]
+    with torch.no_grad():
+        refs = model_speed.reference_outputs(bench, style)
+        ours, auto = model_speed.build_variants(bench, style, ["cpu"])
+        assert (ours.row, ours.impl, auto.row, auto.impl) == ("cpu", "ours", "auto", "auto")
+        packed = [m for m in ours.model.modules() if isinstance(m, model_speed.PackedModule)]
+        assert packed and len(packed) == ours.packed and any(isinstance(m, cls) for m in packed)
+        assert all(m.backend == "cpu" and m.backend_request == "cpu" for m in packed)
+        model_speed.check_variant(bench, style, ours, refs)
+        assert all(c[2] == {"cpu": ours.packed} for c in ours.checks.values())
+        # a converted layer switched to dense under the cpu row's name is refused
+        packed[0].set_backend("dense")
+        with pytest.raises(RuntimeError, match="not all on backend 'cpu'"):
+            model_speed.check_variant(bench, style, ours, refs)
+
+
+@pytest.mark.parametrize("model,style,bug", [
+    *[("llama", s, b) for s in ("2:4", "block32 90%", "hybrid 87.5%") for b in ("off", "nan")],
+    ("resnet50", "2:4", "off"), ("resnet50", "block32 90%", "off")])
+def test_models_wrong_kernel_is_refused_not_timed(model, style, bug, monkeypatch):
+    from sparseprune import backends
+
+    if model == "llama":
+        bench = _tiny_llama_bench()
+    else:  # SparseConv2d runs the same backend forward on its unfolded patches
+        bench = model_speed.build_resnet50(TINY_RESNET, torch.float32, "cpu", [2])
+    st = model_speed.resolve_styles([style])[0]
+    with torch.no_grad():
+        refs = model_speed.reference_outputs(bench, st)
+        v = model_speed.build_variants(bench, st, ["cpu"])[0]
+        model_speed.check_variant(bench, st, v, refs)  # the real kernels: pass
+        right = backends.CpuBackend.forward
+
+        def wrong(self, module, x):  # one output feature off (or unwritten: NaN) in every call
+            y = right(self, module, x)
+            y[..., 0] = float("nan") if bug == "nan" else y[..., 0] + 0.05
+            return y
+
+        monkeypatch.setattr(backends.CpuBackend, "forward", wrong)
+        with pytest.raises(RuntimeError, match="wrong result.*refusing to time"):
+            model_speed.check_variant(bench, st, v, refs)
+
+
+@pytest.mark.parametrize("style", ["2:4", "channel 50%"])
+def test_models_corrupted_weight_is_refused_not_timed(style):
+    bench = _tiny_llama_bench()
+    st = model_speed.resolve_styles([style])[0]
+    with torch.no_grad():
+        refs = model_speed.reference_outputs(bench, st)
+        v = model_speed.build_variants(bench, st, ["cpu"])[0]
+        model_speed.check_variant(bench, st, v, refs)
+        down = v.model.get_submodule("model.layers.0.mlp.down_proj")  # feeds the residual stream directly
+        if st.kernels:  # a real kernel on a corrupted packed weight: a wrong answer, not a crash
+            assert isinstance(down, model_speed.PackedModule)
+            down.values[0].neg_()
+        else:  # a shrunk layer that lost a weight
+            down.weight[:, 0].mul_(-3)
+        with pytest.raises(RuntimeError, match="wrong result.*refusing to time"):
+            model_speed.check_variant(bench, st, v, refs)
+
+
+def test_decode_seconds_and_rate():
+    # token 1 at t = 10 s (out of the prefill), then 3 decode steps of 0.5 s each
+    s = model_speed.decode_seconds([10.0, 10.5, 11.0, 11.5], 4)
+    assert s == pytest.approx(1.5)
+    assert model_speed.decode_rate(8, 4, s) == pytest.approx(8 * 3 / 1.5)
+    with pytest.raises(RuntimeError, match="produced 3 tokens"):
+        model_speed.decode_seconds([1.0, 2.0, 3.0], 4)
+    with pytest.raises(ValueError, match="at least 2"):
+        model_speed.decode_seconds([1.0], 1)
+    with pytest.raises(RuntimeError, match="backwards"):
+        model_speed.decode_seconds([1.0, 3.0, 2.0], 3)
+
+
+def test_decode_call_times_the_decode_steps_of_one_generate():
+    bench = _tiny_llama_bench((2,))
+    decode = next(m for m in bench.metrics if m.name == "decode")
+    assert decode.self_timed and decode.items == 2 * (TINY_LLAMA.new_tokens - 1)
+    fn = decode.call(bench.dense)
+    with torch.no_grad():
+        fn()
+        t0 = time.perf_counter()
+        s = fn()
+        wall = time.perf_counter() - t0
+    assert 0 < s < wall  # the prefill and generate's setup are not in it
+
+
+def test_cli_models_subset(tmp_path):
+    # (channel only: the kernel styles' rows, auto's measuring included, are the fixture's)
+    assert cli(["bench", "--models", "resnet50", "--quick", "--styles", "channel 50%", "--image-batches", "1,2",
+                "--rounds", "1", "--budget", "0.001", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "models-fp32-quick.csv")
+    assert {(r["model"], r["style"], r["impl"], r["metric"], r["batch"]) for r in rows} == {
+        (m, s, i, "images", b) for m, s, i in (("resnet50", "dense", "dense"), ("resnet50", "channel 50%", "channel"))
+        for b in ("1", "2")}
+    assert {r["seq"] for r in rows} == {str(model_speed.RESNET_SIZES["quick"].resolution)}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--models", "gpt2"], "unknown model"),
+    (["--models", "--styles", "block 33%"], "unknown style"),
+    (["--models", "--decode-batches", "0"], "positive integers"),
+    (["--models", "--image-batches", "x"], "positive integers"),
+    (["--models", "--rounds", "0"], "positive integer"),
+    (["--models", "--accuracy"], "not allowed with"),
+    (["--models", "--dtype", "fp8"], "invalid choice"),
+])
+def test_cli_models_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["bench", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(models=["llama", "bert"]), "unknown model"), (dict(models=[]), "no models"),
+    (dict(styles=["2:4", "block32 33%"]), "unknown style"), (dict(styles=[]), "no styles"),
+    (dict(decode_batches=[1, 0]), "decode batches"), (dict(image_batches=[2.5]), "image batches"),
+    (dict(rounds=0), "rounds"), (dict(dtype="fp8"), "dtype"),
+])
+def test_models_run_refuses_bad_arguments_before_building(kw, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        model_speed.run(str(tmp_path), **kw)
+    assert not list(tmp_path.iterdir())

@@ -41,7 +41,7 @@ def time_once(fn: Callable[[], object], device: torch.device, inner: int = 1) ->
 
 def compare(baseline: Callable[[], object], candidates: dict[str, Callable[[], object]], device, *,
             budget_s: float = 0.5, min_rounds: int = 5, max_rounds: int = 200, warmup: int = 2,
-            long_round_rounds: int = 3) -> dict[str, dict]:
+            long_round_rounds: int = 3, self_timed: bool = False) -> dict[str, dict]:
     """Times ``baseline`` and each candidate interleaved, round after round.
 
     Each round runs the baseline then every candidate once (CPU) or a short burst each (GPU), so
@@ -50,6 +50,10 @@ def compare(baseline: Callable[[], object], candidates: dict[str, Callable[[], o
     and the same from the best (minimum) times. Rounds: as many as fit ``budget_s``, at least
     ``min_rounds``; a round longer than the whole budget (a big layer at a big batch, seconds per
     call, where one call already averages out short noise) gets ``long_round_rounds``.
+
+    ``self_timed``: each function returns the seconds to count for its call instead of being timed
+    whole (a greedy ``generate`` that counts only its decode steps, not its prefill); it then runs
+    once per round on every device, and must synchronize a GPU itself before reading its clock.
     """
     device = torch.device(device)
     fns = {"__base__": baseline, **candidates}
@@ -59,15 +63,18 @@ def compare(baseline: Callable[[], object], candidates: dict[str, Callable[[], o
     _sync(device)
     # one warm round, in the same order as the timed ones, sizes the rest; on CPU (one call per
     # sample) it also counts as the first round, which spares a call of every function on big layers
-    one = {k: time_once(fn, device) for k, fn in fns.items()}
+    def sample(fn, inner):
+        return float(fn()) if self_timed else time_once(fn, device, inner)
+
+    one = {k: sample(fn, 1) for k, fn in fns.items()}
     slowest, round_s = max(one.values()), sum(one.values())
-    inner = 1 if device.type == "cpu" else max(1, min(100, int(2e-3 / max(slowest, 1e-6))))
+    inner = 1 if device.type == "cpu" or self_timed else max(1, min(100, int(2e-3 / max(slowest, 1e-6))))
     floor = min(min_rounds, long_round_rounds) if round_s * inner > budget_s else min_rounds
     rounds = int(min(max_rounds, max(floor, budget_s / max(round_s * inner, 1e-6))))
     samples: dict[str, list[float]] = {k: ([t] if inner == 1 else []) for k, t in one.items()}
     for _ in range(rounds - len(samples["__base__"])):
         for k, fn in fns.items():
-            samples[k].append(time_once(fn, device, inner))
+            samples[k].append(sample(fn, inner))
     base = samples["__base__"]
     out = {}
     for k in candidates:
