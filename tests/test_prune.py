@@ -32,6 +32,20 @@ def test_block_mask_prunes_lowest_norm_blocks():
     assert torch.equal(mask, kept.repeat_interleave(16, 0).repeat_interleave(32, 1))
 
 
+@pytest.mark.parametrize("kind", ["block", "hybrid"])
+def test_block_rounding_never_prunes_a_whole_layer(kind):
+    """4 blocks at 90%: round(3.6) = 4 would zero the layer (ResNet-50's 64x64 1x1 convs); one block stays,
+    the strongest."""
+    s = torch.rand(64, 64) + 0.01
+    s[32:, :32] += 5.0  # block (1, 0) is the strongest
+    mask = make_mask(s, parse_pattern(kind, sparsity=0.9, block_size=(32, 32)))
+    kept = mask.reshape(2, 32, 2, 32).any(dim=(1, 3))
+    assert kept.tolist() == [[False, False], [True, False]]
+    model = nn.Sequential(nn.Linear(64, 64, bias=False))  # no bias: the output is the kept block's alone
+    sparseprune.convert(model, kind, sparsity=0.9, block_size=(32, 32))
+    assert model(torch.randn(3, 64)).abs().sum() > 0
+
+
 def test_hybrid_mask_is_blocks_then_24():
     s = torch.rand(64, 64)
     mask = make_mask(s, parse_pattern("hybrid", sparsity=0.75, block_size=(16, 16)))

@@ -25,9 +25,14 @@ def block_scores(scores: torch.Tensor, block_size) -> torch.Tensor:
 
 
 def keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Boolean mask keeping the highest ``1 - sparsity`` fraction of ``scores`` (any shape)."""
+    """Boolean mask keeping the highest ``1 - sparsity`` fraction of ``scores`` (any shape).
+
+    Below sparsity 1 at least one entry survives: rounding would otherwise prune all 4 blocks of a
+    64x64 layer at 90% (32x32 blocks; ResNet-50's first 1x1 convs), silently zeroing the layer."""
     total = scores.numel()
     n_prune = int(round(sparsity * total))
+    if sparsity < 1:
+        n_prune = min(n_prune, total - 1)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if n_prune > 0:
         idx = scores.reshape(-1).topk(n_prune, largest=False).indices
