@@ -271,6 +271,12 @@ def describe(meta: dict) -> str:
             f"sparseprune {meta['sparseprune']} {meta['git']} | {meta['date']}")
 
 
+def caption(row: dict) -> str:
+    """The machine and software of a results row, for the title of a plot."""
+    return (f"{row['device_name']} ({row['label']}, isa {row['isa']}, {row['threads']} threads, {row['dtype']}, "
+            f"torch {row['torch']})")
+
+
 def write_metadata(path: str, meta: dict, **more) -> None:
     """Writes the run's metadata (plus anything in ``more``, e.g. the grid that was run) as JSON."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

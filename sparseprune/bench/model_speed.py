@@ -640,9 +640,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_title(model, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-    r0 = rows[0]
-    fig.suptitle(f"sparseprune, whole models: {r0['device_name']} ({r0['label']}, isa {r0['isa']}, {r0['threads']} "
-                 f"threads, {r0['dtype']}, torch {r0['torch']})", fontsize=9)
+    fig.suptitle(f"sparseprune, whole models: {machine.caption(rows[0])}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

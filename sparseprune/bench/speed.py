@@ -459,9 +459,7 @@ def plot(rows: list[dict], path: str) -> None:
             ax.set_ylabel("speedup vs dense")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
-    r0 = rows[0]
-    fig.suptitle(f"sparseprune on {r0['device_name']} ({r0['label']}, isa {r0['isa']}, {r0['threads']} threads, "
-                 f"{r0['dtype']}, torch {r0['torch']})", fontsize=10)
+    fig.suptitle(f"sparseprune on {machine.caption(rows[0])}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
