@@ -129,3 +129,17 @@ def test_cnn_rows_time_convs_and_shrunk_layers():
         assert r["speedup_b1"] > 0 and r["speedup_b64"] > 0 and r["layers_pruned"] == 5
     picks = dict(acc.least_loss_at_speedup(rows, "cnn", levels=(1.0, 1e9)))
     assert picks[1e9] is None and picks[1.0] is not None
+
+
+def test_run_writes_table_text_and_keeps_models_out_of_results(tmp_path):
+    """run() writes accuracy.csv/.png/.txt to the results folder (the .txt with the machine line, the
+    table and the least-loss lines) and caches trained models elsewhere."""
+    from sparseprune.bench import accuracy as acc
+
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    styles = [s for s in acc.STYLES if s.label in ("dense", "2:4 magnitude", "channel 50% magnitude")]
+    rows = acc.run(str(out), quick=True, tasks=("digits",), styles=styles, cache_dir=str(cache))
+    assert [r["style"] for r in rows] == ["dense", "2:4 magnitude", "channel 50% magnitude"]
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.csv", "accuracy.json", "accuracy.png", "accuracy.txt"]
+    text = (out / "accuracy.txt").read_text()
+    assert "isa " in text.splitlines()[0] and "2:4 magnitude" in text and "least loss at equal speedup (digits" in text

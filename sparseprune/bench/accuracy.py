@@ -567,11 +567,16 @@ def least_loss_at_speedup(rows: list[dict], model: str, levels=(1.0, 1.25, 1.5, 
 TASKS = {"lm": build_lm_task, "digits": build_digits_task, "cnn": build_cnn_task}
 
 
-def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks=("lm", "digits", "cnn"),
-        styles=None) -> list[dict]:
-    """Train the models, prune them every way, print the table; writes accuracy.csv and accuracy.png.
+# Trained models are kept out of the results folders, which are committed (as bench_vllm.py does).
+CACHE_DIR = os.path.join("build", "bench-cache")
 
-    The trained LM is saved in ``out_dir`` and reused by later runs with the same settings.
+
+def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks=("lm", "digits", "cnn"),
+        styles=None, cache_dir: str | None = CACHE_DIR) -> list[dict]:
+    """Train the models, prune them every way, print the table; writes accuracy.csv, accuracy.png and
+    accuracy.txt (the table, the least loss at each speedup and the targets, as printed).
+
+    The trained LM is saved in ``cache_dir`` and reused by later runs with the same settings.
     """
     dev = torch.device(device)
     os.makedirs(out_dir, exist_ok=True)
@@ -580,7 +585,9 @@ def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks
     rows = []
     notes = {}
     for name in tasks:
-        task = TASKS[name](quick, dev, log=log, cache_dir=out_dir)
+        if cache_dir:
+            os.makedirs(cache_dir, exist_ok=True)
+        task = TASKS[name](quick, dev, log=log, cache_dir=cache_dir)
         notes[task.name] = task.notes
         rows += run_task(task, dev, quick, log=log, styles=styles)
         del task
@@ -588,22 +595,27 @@ def run(out_dir: str, quick: bool = False, device: str = "cpu", log=print, tasks
     write_csv(rows, os.path.join(out_dir, "accuracy.csv"), meta)
     machine.write_metadata(os.path.join(out_dir, "accuracy.json"), meta, tasks=list(tasks))
     plot(rows, os.path.join(out_dir, "accuracy.png"))
-    print(format_table(rows))
+    lines = [machine.describe(meta), format_table(rows)]
+    say = lines.append  # the summary goes to accuracy.txt and to the terminal
     for name, n in notes.items():
         how = "loaded from the cache" if n.get("trained") is False else f"trained in {n['train_s']:.0f} s"
-        print(f"{name}: {n['params']:,} parameters, {how}, calibration {n['calibration']}")
+        say(f"{name}: {n['params']:,} parameters, {how}, calibration {n['calibration']}")
     for name in tasks:
-        print(f"least loss at equal speedup ({name}, batch 1):")
+        say(f"least loss at equal speedup ({name}, batch 1):")
         for lv, r in least_loss_at_speedup(rows, name):
-            print(f"  >= {lv:.2f}x: " + ("no style is that fast" if r is None else
+            say(f"  >= {lv:.2f}x: " + ("no style is that fast" if r is None else
                                          f"{r['style']} ({r['metric']} {r['value']:.4g}, {r['speedup_b1']:.2f}x)"))
     for name in tasks:
         checks = check_targets(rows, name)
         if checks:
-            print(f"targets ({name}):")
+            say(f"targets ({name}):")
         for target, ok, detail in checks:
-            print(f"  [{'met' if ok else 'n/a' if ok is None else 'NOT met'}] {target}: {detail}")
-    print(f"accuracy study took {time.perf_counter() - t0:.0f} s; wrote {out_dir}/accuracy.csv and {out_dir}/accuracy.png")
+            say(f"  [{'met' if ok else 'n/a' if ok is None else 'NOT met'}] {target}: {detail}")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "accuracy.txt"), "w") as f:
+        f.write(text)
+    print(text, end="")
+    print(f"accuracy study took {time.perf_counter() - t0:.0f} s; wrote {out_dir}/accuracy.csv, .png and .txt")
     return rows
 
 
