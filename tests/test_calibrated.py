@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import sparseprune
-from sparseprune.prune.calibrate import LayerStats, find_block_stack, prune_layers
+from sparseprune.prune.calibrate import find_block_stack, prune_layers
+from sparseprune.prune.stats import LayerStats
 from sparseprune.prune.methods import Magnitude, get_method
 from sparseprune.prune.patterns import Pattern, parse_pattern
 from sparseprune.prune.permute import PERM_ATTR

@@ -12,7 +12,7 @@ from torch import nn
 
 import sparseprune
 from sparseprune.bench.models import Bottleneck, resnet50
-from sparseprune.prune.calibrate import LayerStats
+from sparseprune.prune.stats import LayerStats
 from sparseprune.prune.channel import ChannelStats, compensate_mean, least_squares
 from sparseprune.prune.channel_graph import find_groups
 from tests.helpers import DTYPE_IDS

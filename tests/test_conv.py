@@ -15,7 +15,7 @@ from torch import nn
 import sparseprune
 from sparseprune import SparseConv2d, SparseLinear
 from sparseprune.formats.conv import ConvGeometry, _reference_im2col, im2col
-from sparseprune.prune.conv_stats import ConvInputStats
+from sparseprune.prune.stats import ConvInputStats
 from tests.conftest import HAS_CUDA
 from tests.helpers import assert_within_torch_error, has_pattern, random_weight
 

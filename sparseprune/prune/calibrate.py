@@ -35,52 +35,8 @@ from .budget import global_keep
 from .methods import PruningMethod
 from .permute import check_permutable, forget_permutation, prune_layer_permuted, remember_permutation
 from .sparsegpt import SparseGPT
+from .stats import stats_for
 from .wanda import Wanda
-
-
-class LayerStats:
-    """Running statistics of one layer's inputs X [tokens, in], accumulated in fp32.
-
-    ``sq_mean``: mean over tokens of x_j^2 (so ||X_j||_2 = sqrt(n * sq_mean)); ``mean``: mean of x_j
-    (channel pruning's bias compensation). ``H``: SparseGPT's 2 X^T X / n (kept as a running mean
-    so it never overflows), only when ``hessian=True``.
-    """
-
-    def __init__(self, in_features: int, device, hessian: bool):
-        self.in_features = in_features
-        self.n = 0
-        self.sq_mean = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.mean = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, self.in_features)
-        t = x.shape[0]
-        if t == 0:
-            return
-        x = x.to(device=self.sq_mean.device, dtype=torch.float32)
-        total = self.n + t
-        self.sq_mean.mul_(self.n / total).add_(x.pow(2).sum(0), alpha=1.0 / total)
-        self.mean.mul_(self.n / total).add_(x.sum(0), alpha=1.0 / total)
-        if self.H is not None:
-            xs = x * (2.0 / total) ** 0.5
-            self.H.mul_(self.n / total).addmm_(xs.t(), xs)
-        self.n = total
-
-    def col_norm(self) -> torch.Tensor:
-        """||X_j||_2 over all calibration tokens, per input j."""
-        return (self.sq_mean * self.n).sqrt()
-
-    def permuted(self, perm: torch.Tensor) -> "LayerStats":
-        """The statistics of the inputs taken in ``perm`` order."""
-        out = LayerStats.__new__(LayerStats)
-        out.in_features, out.n = self.in_features, self.n
-        perm = perm.to(self.sq_mean.device)
-        out.sq_mean = self.sq_mean[perm]
-        out.mean = self.mean[perm]
-        out.H = None if self.H is None else self.H[perm][:, perm]
-        return out
 
 
 class _Caught(Exception):
@@ -190,12 +146,12 @@ def _calibration_mode(model: nn.Module):
 
 def _stat_hooks(model: nn.Module, plans, hessian: bool) -> tuple[dict, list]:
     """Pre-hooks gathering each plan's input statistics; a plan with ``make_stats(hessian)`` (channel
-    pruning's conv layers) makes its own kind, else LayerStats of an nn.Linear's inputs."""
+    pruning's) makes its own kind, else :func:`stats.stats_for` picks it by module type."""
     stats, handles = {}, []
     for p in plans:
         mod = p.module
         make = getattr(p, "make_stats", None)
-        st = make(hessian) if make is not None else LayerStats(mod.in_features, mod.weight.device, hessian)
+        st = make(hessian) if make is not None else stats_for(mod, hessian)
         stats[p.name] = st
 
         def hook(m, args, kwargs, st=st):
@@ -473,5 +429,5 @@ def prune_layers(model: nn.Module, plans, method: PruningMethod, calibration, *,
 
 
 
-__all__ = ["LayerStats", "prune_layers", "calibrate_layers", "collect_stats", "run_calibration", "find_block_stack",
+__all__ = ["prune_layers", "calibrate_layers", "collect_stats", "run_calibration", "find_block_stack",
            "Wanda", "SparseGPT"]

@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from ..report import LayerReport, Report
-from .calibrate import LayerStats, _progress, calibrate_layers, collect_stats
+from .calibrate import _progress, calibrate_layers, collect_stats
+from .stats import LayerStats
 from .channel_graph import Analysis, Group, find_groups, is_layer
 from .select import _matches
 from .sparsegpt import hessian_inverse

@@ -25,16 +25,6 @@ class LayerPlan:
     pattern: Pattern
     sparsity: float | None
 
-    def make_stats(self, hessian: bool):
-        """Statistics of this layer's GEMM inputs (a Conv2d's unfolded patches, in the weight's K order)."""
-        from .calibrate import LayerStats  # calibrate imports this module (via permute)
-        from .conv_stats import ConvInputStats
-
-        w = self.module.weight
-        if isinstance(self.module, nn.Conv2d):
-            return ConvInputStats(self.module, w.device, hessian)
-        return LayerStats(self.module.in_features, w.device, hessian)
-
 
 def _matches(name: str, globs) -> bool:
     if globs is None:

@@ -1,7 +1,7 @@
 """Wanda (Sun et al., 2023): prune by |W_ij| * ||X_j||_2, compared within each output row.
 
 No weight update: the score alone decides. The input norms come from calibration activations
-(``stats.col_norm()``, see :class:`sparseprune.prune.calibrate.LayerStats`). Comparison groups:
+(``stats.col_norm()``, see :class:`sparseprune.prune.stats.LayerStats`). Comparison groups:
 each row for unstructured sparsity, each group of M inputs of a row for N:M, and for block
 patterns the blocks are ranked by the L2 norm of the Wanda scores inside them.
 """
