@@ -49,7 +49,7 @@ from torch import nn
 
 from ..report import LayerReport, Report
 from .calibrate import _progress, calibrate_layers, collect_stats
-from .stats import LayerStats
+from .stats import LayerStats, stats_for
 from .channel_graph import Analysis, Group, find_groups, is_layer
 from .select import _matches
 from .sparsegpt import hessian_inverse
@@ -79,10 +79,10 @@ class _ConsumerPlan:
         self.name, self.module = name, module
 
     def make_stats(self, hessian: bool) -> LayerStats:
-        w = self.module.weight
         if isinstance(self.module, nn.Linear):
-            return LayerStats(self.module.in_features, w.device, hessian)
-        return ChannelStats(self.module.in_channels, w.device, False)
+            return stats_for(self.module, hessian)
+        # a conv consumer: per input channel, not per unfolded patch column (no Hessian needed)
+        return ChannelStats(self.module.in_channels, self.module.weight.device, False)
 
 
 # --- the tensors of a member -----------------------------------------------------------------------
